@@ -1,0 +1,146 @@
+"""`multi_head_attention`: validate -> project -> split heads -> attend -> merge -> project out.
+
+Notation: B batch, L query length, S key length, E embed dim, H heads, Hkv key/value heads,
+D head dim (E // H).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import attend as backends
+from .masks import build_mask
+from .validation import check_inputs
+
+
+class Projections(NamedTuple):
+    """The module's weights, in torch's layout. Either `in_proj_weight` (E + 2*Hkv*D, E) or the three
+    separate `q/k/v_proj_weight` ((E, E), (Hkv*D, kdim), (Hkv*D, vdim)) are set."""
+
+    in_proj_weight: Tensor | None
+    q_proj_weight: Tensor | None
+    k_proj_weight: Tensor | None
+    v_proj_weight: Tensor | None
+    in_proj_bias: Tensor | None  # (E + 2*Hkv*D,)
+    bias_k: Tensor | None  # (1, 1, Hkv*D)
+    bias_v: Tensor | None  # (1, 1, Hkv*D)
+    out_proj_weight: Tensor  # (E, E)
+    out_proj_bias: Tensor | None  # (E,)
+
+
+def multi_head_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    weights: Projections,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    add_zero_attn: bool = False,
+    batch_first: bool = True,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention with `torch.nn.MultiheadAttention`'s semantics.
+
+    query (B, L, E), key (B, S, kdim), value (B, S, vdim) when batch_first, else (L, B, E) etc.;
+    2-D inputs are unbatched. Returns (out, weights): out like query; weights (B, L, S) averaged
+    over heads, (B, H, L, S) with average_attn_weights=False, None with need_weights=False.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    embed_dim = weights.out_proj_weight.shape[0]
+    head_dim = embed_dim // num_heads
+    kv_dim = num_kv_heads * head_dim
+    param = weights.out_proj_weight
+    kdim = key.shape[-1] if weights.in_proj_weight is None else embed_dim
+    vdim = value.shape[-1] if weights.in_proj_weight is None else embed_dim
+    if weights.k_proj_weight is not None:
+        kdim, vdim = weights.k_proj_weight.shape[1], weights.v_proj_weight.shape[1]
+    batched = check_inputs(
+        query, key, value, embed_dim=embed_dim, kdim=kdim, vdim=vdim, batch_first=batch_first, param=param
+    )
+
+    # identity is what allows one fused projection: decide it before any reshaping
+    shared = "qkv" if query is key and key is value else "kv" if key is value else None
+    if not batched:  # treat (L, E) as a batch of one, batch first
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    elif not batch_first:  # (L, B, E) -> (B, L, E) views
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    batch, q_len, _ = query.shape
+    k_len = key.shape[1]
+
+    mask = build_mask(
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        batch=batch,
+        heads=num_heads,
+        q_len=q_len,
+        k_len=k_len,
+        batched=batched,
+        device=query.device,
+    )
+
+    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
+    if weights.bias_k is not None:
+        k = torch.cat([k, weights.bias_k.expand(batch, 1, kv_dim)], dim=1)  # (B, S+1, Hkv*D)
+        v = torch.cat([v, weights.bias_v.expand(batch, 1, kv_dim)], dim=1)
+        mask = mask.pad_keys(1)
+    q = q.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)  # (B, H, L, D)
+    k = k.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)
+    if add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, num_kv_heads, 1, head_dim)], dim=2)  # (B, Hkv, S+1, D)
+        v = torch.cat([v, v.new_zeros(batch, num_kv_heads, 1, head_dim)], dim=2)
+        mask = mask.pad_keys(1)
+
+    chosen = backends.choose(q, k, v, mask, need_weights=need_weights, backend=backend)
+    out, attn = chosen.attend(
+        q,
+        k,
+        v,
+        mask,
+        scale=head_dim**-0.5,
+        dropout_p=dropout_p,
+        need_weights=need_weights,
+        average_weights=average_attn_weights,
+    )  # (B, H, L, D), (B, L, S) | (B, H, L, S) | None
+
+    if batch_first or not batched:
+        out = out.transpose(1, 2).reshape(batch, q_len, embed_dim)  # (B, L, E)
+    else:
+        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
+    out = F.linear(out, weights.out_proj_weight, weights.out_proj_bias)
+    if not batched:
+        out = out.squeeze(0)
+        attn = attn.squeeze(0) if attn is not None else None
+    return out, attn
+
+
+def _project(
+    query: Tensor, key: Tensor, value: Tensor, w: Projections, shared: str | None, embed_dim: int, kv_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input projections, fused where the inputs allow: one matmul for self-attention, two when
+    key is value."""
+    sizes = [embed_dim, kv_dim, kv_dim]
+    b_q, b_k, b_v = (None, None, None) if w.in_proj_bias is None else w.in_proj_bias.split(sizes)
+    if w.in_proj_weight is not None:
+        if shared == "qkv":
+            return F.linear(query, w.in_proj_weight, w.in_proj_bias).split(sizes, dim=-1)
+        w_q, w_k, w_v = w.in_proj_weight.split(sizes)
+        if shared == "kv":
+            b_kv = None if w.in_proj_bias is None else w.in_proj_bias[embed_dim:]
+            k, v = F.linear(key, w.in_proj_weight[embed_dim:], b_kv).split([kv_dim, kv_dim], dim=-1)
+            return F.linear(query, w_q, b_q), k, v
+    else:
+        w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)

@@ -1,0 +1,269 @@
+"""`AttentionMask`: the one internal mask form.
+
+Every user-facing mask argument (`attn_mask`, `key_padding_mask`, `is_causal`, and later `window`)
+is validated and turned into an `AttentionMask` here, once, at the boundary. Backends read only
+this object. It keeps structure so backends can take fast paths:
+
+- `causal`: query i may see key j only if j <= i + offset (top-left aligned when offset == 0, as
+  `F.scaled_dot_product_attention(is_causal=True)`; a KV cache uses offset = S - L, bottom-right).
+- `window`: (left, right) as flash-attn: query i sees keys i + offset - left ... i + offset + right
+  (None on a side means unbounded; causal forces right = 0).
+- `key_padding`: (B, S), bool (True = padding, may not be attended) or float (added to scores).
+- `dense`: at most one dense part, bool (True = may not attend) or float (added to the scores),
+  shaped (1, 1, L, S) or (B, H, L, S).
+
+Notation: B batch, H heads, L query length, S key length.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionMask", "build_mask"]
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    batch: int
+    heads: int
+    q_len: int
+    k_len: int
+    causal: bool = False
+    offset: int = 0
+    window: tuple[int | None, int | None] | None = None
+    key_padding: Tensor | None = None  # (B, S) bool or float
+    dense: Tensor | None = None  # (1 | B, 1 | H, L, S) bool or float
+    device: torch.device = torch.device("cpu")
+
+    # ---- what backends ask -------------------------------------------------------------------
+    @property
+    def is_empty(self) -> bool:
+        """No key is hidden from any query."""
+        return not self.causal and self.window is None and self.key_padding is None and self.dense is None
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """Exactly SDPA's `is_causal=True` pattern (top-left aligned), nothing else."""
+        return (
+            self.causal and self.offset == 0 and self.window is None and self.key_padding is None and self.dense is None
+        )
+
+    @property
+    def has_band(self) -> bool:
+        return self.causal or self.window is not None
+
+    def band_limits(self) -> tuple[int | None, int | None]:
+        """(left, right) reach of each query relative to its diagonal; None = unbounded."""
+        left, right = self.window if self.window is not None else (None, None)
+        if self.causal:
+            right = 0 if right is None else min(right, 0)
+        return left, right
+
+    def band(self, q_start: int, q_stop: int, device: torch.device) -> Tensor | None:
+        """Bool (q_stop - q_start, S) mask, True = hidden, of the causal/window part for a block of
+        query rows; None when there is no band."""
+        if not self.has_band:
+            return None
+        left, right = self.band_limits()
+        rows = torch.arange(q_start, q_stop, device=device).unsqueeze(1) + self.offset
+        cols = torch.arange(self.k_len, device=device).unsqueeze(0)
+        hidden = torch.zeros(q_stop - q_start, self.k_len, dtype=torch.bool, device=device)
+        if right is not None:
+            hidden |= cols > rows + right
+        if left is not None:
+            hidden |= cols < rows - left
+        return hidden
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """The whole mask as one float tensor broadcastable to (B, H, L, S): 0 where visible,
+        -inf where hidden, plus any float parts. None when nothing is masked. (The reference.)"""
+        return self.additive_rows(0, self.q_len, dtype, device)
+
+    def additive_rows(self, q_start: int, q_stop: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """`additive()` restricted to query rows [q_start, q_stop)."""
+        total = None
+        band = self.band(q_start, q_stop, device)
+        if band is not None:
+            total = _to_additive(band, dtype)[None, None]  # (1, 1, l, S)
+        if self.key_padding is not None:
+            kp = _to_additive(self.key_padding, dtype)[:, None, None, :]  # (B, 1, 1, S)
+            total = kp if total is None else total + kp
+        if self.dense is not None:
+            dense = _to_additive(self.dense[:, :, q_start:q_stop], dtype)  # (1|B, 1|H, l, S)
+            total = dense if total is None else total + dense
+        return total
+
+    def hidden(self) -> Tensor | None:
+        """The whole mask as one bool tensor (True = hidden), broadcastable to (B, H, L, S), when
+        every part is bool; None when nothing is masked. Raises if a part is float."""
+        total = self.band(0, self.q_len, self.device)
+        if total is not None:
+            total = total[None, None]
+        for part in (self._padding4d(), self.dense):
+            if part is None:
+                continue
+            assert part.dtype == torch.bool, "hidden() needs bool parts"
+            total = part if total is None else total | part
+        return total
+
+    @property
+    def is_bool(self) -> bool:
+        return all(p is None or p.dtype == torch.bool for p in (self.key_padding, self.dense))
+
+    def for_sdpa(self, dtype: torch.dtype) -> tuple[Tensor | None, bool]:
+        """(attn_mask, is_causal) for `F.scaled_dot_product_attention`: SDPA's bool convention is
+        True = may attend, so bool masks are inverted; float masks are passed as additive."""
+        if self.is_empty:
+            return None, False
+        if self.is_plain_causal:
+            return None, True
+        if self.is_bool:
+            return ~self.hidden(), False
+        return self.additive(dtype, self.device), False
+
+    # ---- transformations ---------------------------------------------------------------------
+    def pad_keys(self, n: int) -> AttentionMask:
+        """Append `n` always-visible keys (for `bias_k`/`bias_v` and `add_zero_attn`)."""
+        if self.is_empty:
+            return replace(self, k_len=self.k_len + n)
+        dense = self.dense
+        if self.has_band:  # the band does not extend to the extra columns: make it dense
+            band = self.band(0, self.q_len, self.device)[None, None]
+            if dense is None:
+                dense = band
+            elif dense.dtype == torch.bool:
+                dense = dense | band
+            else:
+                dense = dense + _to_additive(band, dense.dtype)
+        key_padding = self.key_padding
+        if key_padding is not None:
+            key_padding = torch.nn.functional.pad(key_padding, (0, n), value=_zero_of(key_padding))
+        if dense is not None:
+            dense = torch.nn.functional.pad(dense, (0, n), value=_zero_of(dense))
+        return replace(self, k_len=self.k_len + n, causal=False, window=None, key_padding=key_padding, dense=dense)
+
+    def _padding4d(self) -> Tensor | None:
+        return None if self.key_padding is None else self.key_padding[:, None, None, :]
+
+
+def _zero_of(t: Tensor) -> bool | float:
+    return False if t.dtype == torch.bool else 0.0
+
+
+def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_pattern(q_len: int, k_len: int, device: torch.device) -> Tensor:
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu_(1)
+
+
+def _is_causal_pattern(mask: Tensor) -> bool:
+    """Is this 2-D user mask exactly the top-left causal pattern? Costs one comparison pass; skipped
+    under torch.compile (value-dependent) and for non-CPU masks (would sync the device)."""
+    if torch.compiler.is_compiling() or mask.device.type != "cpu" or mask.requires_grad:
+        return False
+    pattern = _causal_pattern(mask.shape[0], mask.shape[1], mask.device)
+    if mask.dtype == torch.bool:
+        return torch.equal(mask, pattern)
+    # float: 0 on and below the diagonal, -inf above
+    return bool(torch.equal(torch.isneginf(mask), pattern)) and not bool(mask.masked_fill(pattern, 0).any())
+
+
+# ---- building from user arguments ------------------------------------------------------------
+def _check_mask_dtype(name: str, mask: Tensor) -> None:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
+
+
+def build_mask(
+    *,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    batched: bool,
+    device: torch.device,
+    window: tuple[int | None, int | None] | None = None,
+    offset: int = 0,
+) -> AttentionMask:
+    """Validate the user's masks and return the structured form.
+
+    attn_mask: (L, S), or (B*H, L, S) batched / (H, L, S) unbatched; bool (True = may not attend)
+        or float (added to the scores).
+    key_padding_mask: (B, S) batched / (S,) unbatched; bool (True = padding) or float.
+    is_causal: a hint; with no attn_mask it means causal attention; with one, the mask wins.
+    """
+    causal = False
+    dense = None
+    if attn_mask is not None:
+        _check_mask_dtype("attn_mask", attn_mask)
+        _check_device("attn_mask", attn_mask, device)
+        lead = batch * heads if batched else heads
+        lead_name = "batch_size * num_heads" if batched else "num_heads"
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (q_len, k_len):
+                raise ValueError(
+                    f"attn_mask of 2 dimensions must have shape (L, S) = ({q_len}, {k_len}), "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+            if _is_causal_pattern(attn_mask):
+                causal = True
+            else:
+                dense = attn_mask[None, None]  # (1, 1, L, S)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (lead, q_len, k_len):
+                raise ValueError(
+                    f"attn_mask of 3 dimensions must have shape ({lead_name}, L, S) = "
+                    f"({lead}, {q_len}, {k_len}), got {tuple(attn_mask.shape)}"
+                )
+            dense = attn_mask.view(batch, heads, q_len, k_len)
+        else:
+            raise ValueError(
+                f"attn_mask must have 2 dimensions (L, S) or 3 dimensions ({lead_name}, L, S), "
+                f"got {attn_mask.dim()} dimensions with shape {tuple(attn_mask.shape)}"
+            )
+    elif is_causal:
+        causal = True
+
+    key_padding = None
+    if key_padding_mask is not None:
+        _check_mask_dtype("key_padding_mask", key_padding_mask)
+        _check_device("key_padding_mask", key_padding_mask, device)
+        expected = (batch, k_len) if batched else (k_len,)
+        if tuple(key_padding_mask.shape) != expected:
+            want = "(B, S)" if batched else "(S,)"
+            raise ValueError(
+                f"key_padding_mask must have shape {want} = {expected}, got {tuple(key_padding_mask.shape)}"
+            )
+        key_padding = key_padding_mask.view(batch, k_len)
+
+    return AttentionMask(
+        batch=batch,
+        heads=heads,
+        q_len=q_len,
+        k_len=k_len,
+        causal=causal,
+        offset=offset,
+        window=window,
+        key_padding=key_padding,
+        dense=dense,
+        device=device,
+    )
+
+
+def _check_device(name: str, mask: Tensor, device: torch.device) -> None:
+    if mask.device != device:
+        raise ValueError(
+            f"{name} is on device {mask.device}, but the inputs are on {device}; move it with .to({str(device)!r})"
+        )

@@ -1,0 +1,252 @@
+"""`MultiheadAttention`: a drop-in for `torch.nn.MultiheadAttention`.
+
+Parameters, names, shapes, registration order and initialisation are torch's, so state_dicts (and
+optimizer states, which index parameters by position) move both ways. The one documented default
+that differs is `batch_first=True`, as the reference page documents.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+
+from .functional import Projections, multi_head_attention
+from .validation import check_module_args
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with the interface and numbers of `torch.nn.MultiheadAttention`.
+
+    Args:
+        embed_dim: E, model width; must be divisible by `num_heads`.
+        num_heads: H, number of attention heads (head dim D = E // H).
+        dropout: dropout probability on the attention weights, in [0, 1); active in train mode.
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value (one extra key position).
+        add_zero_attn: append a zero key and value (one extra key position).
+        kdim, vdim: feature sizes of key and value (default E).
+        batch_first: inputs are (B, L, E) when True (the default here, as the reference page
+            documents; torch's default is False), else (L, B, E).
+        num_kv_heads: Hkv key/value heads for grouped-query attention (must divide H; default H).
+        device, dtype: factory kwargs for the parameters.
+
+    Shapes: query (B, L, E), key (B, S, kdim), value (B, S, vdim) with batch_first; 2-D inputs are
+    unbatched. Output (B, L, E); weights (B, L, S), or (B, H, L, S) with average_attn_weights=False.
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Tensor | None
+    bias_v: Tensor | None
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kv_heads: int | None = None,
+    ) -> None:
+        check_module_args(embed_dim, num_heads, dropout, kdim, vdim, num_kv_heads)
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+        self.backend: str | None = None  # force a backend by name (debugging, benchmarks)
+        kv_dim = self.num_kv_heads * self.head_dim
+        # torch's fast paths (TransformerEncoderLayer in eval) read this flag to decide whether
+        # in_proj_weight holds q, k and v packed: only in torch's own layout
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
+
+        # registration order is torch's: optimizer checkpoints index parameters by position
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
+        else:
+            self.register_parameter("bias_k", None)
+            self.register_parameter("bias_v", None)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """torch's initialisation, in torch's order (so a seed gives torch's numbers)."""
+        if self._qkv_same_embed_dim:
+            xavier_uniform_(self.in_proj_weight)
+        else:
+            xavier_uniform_(self.q_proj_weight)
+            xavier_uniform_(self.k_proj_weight)
+            xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            constant_(self.in_proj_bias, 0.0)
+            constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            xavier_normal_(self.bias_k)
+            xavier_normal_(self.bias_v)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter (out_proj as nn.Linear, then torch's MHA init)."""
+        self.out_proj.reset_parameters()
+        self._reset_parameters()
+
+    def __setstate__(self, state: dict) -> None:
+        # like torch: checkpoints from torch 1.1 lack this flag
+        state.setdefault("_qkv_same_embed_dim", True)
+        state.setdefault("num_kv_heads", state.get("num_heads"))
+        state.setdefault("backend", None)
+        super().__setstate__(state)
+
+    def projections(self) -> Projections:
+        return Projections(
+            self.in_proj_weight,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.out_proj.weight,
+            self.out_proj.bias,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """query (B, L, E), key (B, S, kdim), value (B, S, vdim) (batch_first), or (L, B, ·), or
+        unbatched (L, E)/(S, ·). key_padding_mask (B, S) bool (True = padding) or float;
+        attn_mask (L, S) or (B*H, L, S), bool (True = may not attend) or float (added).
+        is_causal: with no attn_mask, causal attention; with one, the mask wins.
+
+        Returns (out like query, weights): weights (B, L, S) averaged over heads, (B, H, L, S) with
+        average_attn_weights=False, None with need_weights=False; after dropout, like torch's.
+        """
+        return multi_head_attention(
+            query,
+            key,
+            value,
+            self.projections(),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            add_zero_attn=self.add_zero_attn,
+            batch_first=self.batch_first,
+            backend=self.backend,
+        )
+
+    def merge_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
+    ) -> tuple[Tensor | None, int | None]:
+        """torch's helper, read by nn.TransformerEncoderLayer's fused eval path: returns the merged
+        mask and its type (0: attn_mask (L, S), 1: key_padding (B, S), 2: merged (B, H, L, L))."""
+        return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)
+
+    # ---- conversion ------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
+        """Ours with `module`'s configuration and weights; keeps its batch_first, device, dtype and
+        training mode."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        ref = module.out_proj.weight
+        ours = cls(
+            module.embed_dim,
+            module.num_heads,
+            dropout=module.dropout,
+            bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None,
+            add_zero_attn=module.add_zero_attn,
+            kdim=module.kdim,
+            vdim=module.vdim,
+            batch_first=module.batch_first,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        ours.load_state_dict(module.state_dict())
+        return ours.train(module.training)
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """A `torch.nn.MultiheadAttention` with this module's configuration, weights, device, dtype
+        and training mode (only for configurations torch has: no grouped-query heads)."""
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                f"to_torch: torch.nn.MultiheadAttention has no grouped-query heads "
+                f"(num_kv_heads={self.num_kv_heads}, num_heads={self.num_heads})"
+            )
+        ref = self.out_proj.weight
+        theirs = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.in_proj_bias is not None,
+            add_bias_kv=self.bias_k is not None,
+            add_zero_attn=self.add_zero_attn,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        theirs.load_state_dict(self.state_dict())
+        return theirs.train(self.training)
+
+    def extra_repr(self) -> str:
+        parts = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}"]
+        if self.num_kv_heads != self.num_heads:
+            parts.append(f"num_kv_heads={self.num_kv_heads}")
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            parts.append(f"kdim={self.kdim}, vdim={self.vdim}")
+        parts += [f"dropout={self.dropout}", f"batch_first={self.batch_first}"]
+        if self.bias_k is not None:
+            parts.append("add_bias_kv=True")
+        if self.add_zero_attn:
+            parts.append("add_zero_attn=True")
+        return ", ".join(parts)
+
+
+def safe_globals() -> list[type]:
+    """Classes to allow-list for `torch.load(path, weights_only=True)` of a whole module:
+    `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
+    return [MultiheadAttention, nn.Linear]

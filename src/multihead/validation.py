@@ -1,0 +1,92 @@
+"""Checks on user input, run before any work. Each error names the argument, what it got and what
+was expected (ValueError for values and shapes, TypeError for types and dtypes, like torch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_module_args(
+    embed_dim: int, num_heads: int, dropout: float, kdim: int | None, vdim: int | None, num_kv_heads: int | None
+) -> None:
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than 0, got {name}={value}")
+    for name, value in (("kdim", kdim), ("vdim", vdim), ("num_kv_heads", num_kv_heads)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if embed_dim % num_heads != 0:
+        raise ValueError(
+            f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads} "
+            f"(embed_dim / num_heads = {embed_dim / num_heads:g}); pick num_heads among the divisors of {embed_dim}"
+        )
+    if num_kv_heads is not None and num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_kv_heads must divide num_heads, got num_heads={num_heads} and num_kv_heads={num_kv_heads}"
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    embed_dim: int,
+    kdim: int,
+    vdim: int,
+    batch_first: bool,
+    param: Tensor,
+) -> bool:
+    """Validate query/key/value; return whether they are batched (3-D) rather than unbatched (2-D)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if query.dim() not in (2, 3):
+        raise ValueError(
+            f"query must be 3-D {'(B, L, E)' if batch_first else '(L, B, E)'} or 2-D (L, E) unbatched, "
+            f"got {query.dim()}-D with shape {tuple(query.shape)}"
+        )
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(
+                f"query, key and value must have the same number of dimensions, got query "
+                f"{tuple(query.shape)} ({query.dim()}-D) and {name} {tuple(t.shape)} ({t.dim()}-D)"
+            )
+    batched = query.dim() == 3
+    if batched:
+        b = 0 if batch_first else 1
+        layout = "(B, L, E)" if batch_first else "(L, B, E)"
+        for name, t in (("key", key), ("value", value)):
+            if t.shape[b] != query.shape[b]:
+                raise ValueError(
+                    f"query and {name} must have the same batch size (dim {b} of {layout} with "
+                    f"batch_first={batch_first}), got query {tuple(query.shape)} and {name} {tuple(t.shape)}"
+                )
+    for name, t, dim in (("query", query, embed_dim), ("key", key, kdim), ("value", value, vdim)):
+        if t.shape[-1] != dim:
+            what = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
+            raise ValueError(f"{name}'s last dimension must be {what}={dim}, got {name} of shape {tuple(t.shape)}")
+    s = -2 if not batched or batch_first else 0
+    if key.shape[s] != value.shape[s]:
+        raise ValueError(
+            f"key and value must have the same sequence length, got key {tuple(key.shape)} and value {tuple(value.shape)}"
+        )
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device != param.device:
+            raise ValueError(
+                f"{name} is on device {t.device} but the module's parameters are on {param.device}; "
+                f"move one of them (module.to({str(t.device)!r}) or {name}.to({str(param.device)!r}))"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but the module's parameters have dtype {param.dtype}; "
+                f"cast one of them (module.to({t.dtype}) or {name}.to({param.dtype})), or run under torch.autocast"
+            )
+    return batched
