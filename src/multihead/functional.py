@@ -6,15 +6,19 @@ D head dim (E // H).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import attend as backends
-from .masks import build_mask
-from .validation import check_inputs
+from .masks import AttentionMask, build_mask
+from .validation import check_cache_call, check_inputs
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .rotary import RotaryEmbedding
 
 
 class Projections(NamedTuple):
@@ -49,25 +53,40 @@ def multi_head_attention(
     add_zero_attn: bool = False,
     batch_first: bool = True,
     backend: str | None = None,
+    rotary: RotaryEmbedding | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    kv_cache: KVCache | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention with `torch.nn.MultiheadAttention`'s semantics.
 
     query (B, L, E), key (B, S, kdim), value (B, S, vdim) when batch_first, else (L, B, E) etc.;
     2-D inputs are unbatched. Returns (out, weights): out like query; weights (B, L, S) averaged
     over heads, (B, H, L, S) with average_attn_weights=False, None with need_weights=False.
+
+    rotary: rotary position embedding applied to q and k per head (positions 0.. or, with a cache,
+        continuing each sequence). window: (left, right) keys each query may see around its
+        diagonal (None = unbounded). kv_cache: keys/values of earlier steps; the new tokens are
+        appended and attend causally (bottom-right) to everything cached.
     """
     num_kv_heads = num_kv_heads or num_heads
     embed_dim = weights.out_proj_weight.shape[0]
     head_dim = embed_dim // num_heads
     kv_dim = num_kv_heads * head_dim
-    param = weights.out_proj_weight
-    kdim = key.shape[-1] if weights.in_proj_weight is None else embed_dim
-    vdim = value.shape[-1] if weights.in_proj_weight is None else embed_dim
-    if weights.k_proj_weight is not None:
-        kdim, vdim = weights.k_proj_weight.shape[1], weights.v_proj_weight.shape[1]
+    packed = weights.in_proj_weight is not None
+    kdim = embed_dim if packed else weights.k_proj_weight.shape[1]
+    vdim = embed_dim if packed else weights.v_proj_weight.shape[1]
     batched = check_inputs(
-        query, key, value, embed_dim=embed_dim, kdim=kdim, vdim=vdim, batch_first=batch_first, param=param
+        query,
+        key,
+        value,
+        embed_dim=embed_dim,
+        kdim=kdim,
+        vdim=vdim,
+        batch_first=batch_first,
+        param=weights.out_proj_weight,
     )
+    if kv_cache is not None:
+        check_cache_call(kv_cache, attn_mask, key_padding_mask, weights, add_zero_attn, batched)
 
     # identity is what allows one fused projection: decide it before any reshaping
     shared = "qkv" if query is key and key is value else "kv" if key is value else None
@@ -78,26 +97,38 @@ def multi_head_attention(
     batch, q_len, _ = query.shape
     k_len = key.shape[1]
 
-    mask = build_mask(
-        attn_mask=attn_mask,
-        key_padding_mask=key_padding_mask,
-        is_causal=is_causal,
-        batch=batch,
-        heads=num_heads,
-        q_len=q_len,
-        k_len=k_len,
-        batched=batched,
-        device=query.device,
-    )
+    if kv_cache is None:
+        mask = build_mask(
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            batch=batch,
+            heads=num_heads,
+            q_len=q_len,
+            k_len=k_len,
+            batched=batched,
+            device=query.device,
+            window=window,
+        )
 
     q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
-    if weights.bias_k is not None:
-        k = torch.cat([k, weights.bias_k.expand(batch, 1, kv_dim)], dim=1)  # (B, S+1, Hkv*D)
-        v = torch.cat([v, weights.bias_v.expand(batch, 1, kv_dim)], dim=1)
-        mask = mask.pad_keys(1)
     q = q.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)  # (B, H, L, D)
     k = k.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
     v = v.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)
+
+    if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
+        positions = kv_cache.positions(q_len)  # (B, L)
+        if rotary is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
+        k, v, hidden = kv_cache.update(k, v, window=window)  # (B, Hkv, max_len, D) x2, (B, 1, L, max_len)
+        mask = AttentionMask(batch, num_heads, q_len, k.shape[2], dense=hidden, device=query.device)
+    elif rotary is not None:
+        q = rotary(q, torch.arange(q_len, device=q.device))
+        k = rotary(k, torch.arange(k_len, device=k.device))
+    if weights.bias_k is not None:
+        k = torch.cat([k, _heads(weights.bias_k, num_kv_heads).expand(batch, -1, -1, -1)], dim=2)  # (B, Hkv, S+1, D)
+        v = torch.cat([v, _heads(weights.bias_v, num_kv_heads).expand(batch, -1, -1, -1)], dim=2)
+        mask = mask.pad_keys(1)
     if add_zero_attn:
         k = torch.cat([k, k.new_zeros(batch, num_kv_heads, 1, head_dim)], dim=2)  # (B, Hkv, S+1, D)
         v = torch.cat([v, v.new_zeros(batch, num_kv_heads, 1, head_dim)], dim=2)
@@ -144,3 +175,8 @@ def _project(
     else:
         w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _heads(bias: Tensor, num_kv_heads: int) -> Tensor:
+    """(1, 1, Hkv*D) learned key/value bias -> (1, Hkv, 1, D)."""
+    return bias.view(1, num_kv_heads, 1, -1)

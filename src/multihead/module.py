@@ -7,12 +7,18 @@ that differs is `batch_first=True`, as the reference page documents.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 
 from .functional import Projections, multi_head_attention
-from .validation import check_module_args
+from .validation import check_module_args, check_window
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+    from .rotary import RotaryEmbedding
 
 __all__ = ["MultiheadAttention"]
 
@@ -31,6 +37,9 @@ class MultiheadAttention(nn.Module):
         batch_first: inputs are (B, L, E) when True (the default here, as the reference page
             documents; torch's default is False), else (L, B, E).
         num_kv_heads: Hkv key/value heads for grouped-query attention (must divide H; default H).
+        rotary: a `RotaryEmbedding` applied to queries and keys per head (no parameters).
+        window: sliding-window attention: query i sees keys i - left ... i + right, given as
+            (left, right) (None = unbounded on that side) or an int `left` meaning (left, 0).
         device, dtype: factory kwargs for the parameters.
 
     Shapes: query (B, L, E), key (B, S, kdim), value (B, S, vdim) with batch_first; 2-D inputs are
@@ -56,8 +65,15 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         num_kv_heads: int | None = None,
+        rotary: RotaryEmbedding | None = None,
+        window: int | tuple[int | None, int | None] | None = None,
     ) -> None:
         check_module_args(embed_dim, num_heads, dropout, kdim, vdim, num_kv_heads)
+        window = check_window(window)
+        if rotary is not None and rotary.head_dim != embed_dim // num_heads:
+            raise ValueError(
+                f"rotary.head_dim must equal embed_dim // num_heads = {embed_dim // num_heads}, got {rotary.head_dim}"
+            )
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
@@ -70,13 +86,16 @@ class MultiheadAttention(nn.Module):
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
         self.backend: str | None = None  # force a backend by name (debugging, benchmarks)
+        self.rotary = rotary
+        self.window = window
         kv_dim = self.num_kv_heads * self.head_dim
-        # torch's fast paths (TransformerEncoderLayer in eval) read this flag to decide whether
-        # in_proj_weight holds q, k and v packed: only in torch's own layout
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
+        packed = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
+        # torch's layers read this flag to run their own fused kernel on our weights; that is only
+        # right when our forward is torch's: packed weights and no rotary or window
+        self._qkv_same_embed_dim = packed and rotary is None and window is None
 
         # registration order is torch's: optimizer checkpoints index parameters by position
-        if self._qkv_same_embed_dim:
+        if packed:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
@@ -101,7 +120,7 @@ class MultiheadAttention(nn.Module):
 
     def _reset_parameters(self) -> None:
         """torch's initialisation, in torch's order (so a seed gives torch's numbers)."""
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:
             xavier_uniform_(self.in_proj_weight)
         else:
             xavier_uniform_(self.q_proj_weight)
@@ -124,6 +143,7 @@ class MultiheadAttention(nn.Module):
         state.setdefault("_qkv_same_embed_dim", True)
         state.setdefault("num_kv_heads", state.get("num_heads"))
         state.setdefault("backend", None)
+        state.setdefault("window", None)
         super().__setstate__(state)
 
     def projections(self) -> Projections:
@@ -149,11 +169,15 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        kv_cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """query (B, L, E), key (B, S, kdim), value (B, S, vdim) (batch_first), or (L, B, ·), or
         unbatched (L, E)/(S, ·). key_padding_mask (B, S) bool (True = padding) or float;
         attn_mask (L, S) or (B*H, L, S), bool (True = may not attend) or float (added).
         is_causal: with no attn_mask, causal attention; with one, the mask wins.
+        kv_cache: decoding: the new tokens' keys/values are appended to the cache and every query
+        attends causally to all cached keys of its sequence (no attn_mask/key_padding_mask then).
 
         Returns (out like query, weights): weights (B, L, S) averaged over heads, (B, H, L, S) with
         average_attn_weights=False, None with need_weights=False; after dropout, like torch's.
@@ -174,6 +198,9 @@ class MultiheadAttention(nn.Module):
             add_zero_attn=self.add_zero_attn,
             batch_first=self.batch_first,
             backend=self.backend,
+            rotary=self.rotary,
+            window=self.window,
+            kv_cache=kv_cache,
         )
 
     def merge_masks(
@@ -210,10 +237,15 @@ class MultiheadAttention(nn.Module):
     def to_torch(self) -> nn.MultiheadAttention:
         """A `torch.nn.MultiheadAttention` with this module's configuration, weights, device, dtype
         and training mode (only for configurations torch has: no grouped-query heads)."""
-        if self.num_kv_heads != self.num_heads:
+        extras = {
+            "num_kv_heads": self.num_kv_heads != self.num_heads,
+            "rotary": self.rotary is not None,
+            "window": self.window is not None,
+        }
+        if any(extras.values()):
             raise ValueError(
-                f"to_torch: torch.nn.MultiheadAttention has no grouped-query heads "
-                f"(num_kv_heads={self.num_kv_heads}, num_heads={self.num_heads})"
+                f"to_torch: torch.nn.MultiheadAttention has no {', '.join(k for k, v in extras.items() if v)}; "
+                "only a module without them converts"
             )
         ref = self.out_proj.weight
         theirs = nn.MultiheadAttention(
@@ -243,6 +275,8 @@ class MultiheadAttention(nn.Module):
             parts.append("add_bias_kv=True")
         if self.add_zero_attn:
             parts.append("add_zero_attn=True")
+        if self.window is not None:
+            parts.append(f"window={self.window}")
         return ", ".join(parts)
 
 

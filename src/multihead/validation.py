@@ -90,3 +90,32 @@ def check_inputs(
                 f"cast one of them (module.to({t.dtype}) or {name}.to({param.dtype})), or run under torch.autocast"
             )
     return batched
+
+
+def check_cache_call(kv_cache, attn_mask, key_padding_mask, weights, add_zero_attn: bool, batched: bool) -> None:
+    """With a KV cache the cache decides what each query sees (causal over everything cached)."""
+    if attn_mask is not None or key_padding_mask is not None:
+        raise ValueError(
+            "attn_mask and key_padding_mask are not supported with kv_cache: the cache attends causally over "
+            "each sequence's cached keys; set per-sequence lengths on the cache instead"
+        )
+    if weights.bias_k is not None or add_zero_attn:
+        raise ValueError("kv_cache does not support add_bias_kv or add_zero_attn (they add a key at every step)")
+    if not batched:
+        raise ValueError("kv_cache needs batched inputs (B, L, E); got unbatched 2-D inputs")
+
+
+def check_window(window) -> tuple[int | None, int | None] | None:
+    """Normalise `window`: an int w means (w, 0), a look-back of w keys; (left, right) with None for
+    an unbounded side."""
+    if window is None:
+        return None
+    if isinstance(window, int) and not isinstance(window, bool):
+        window = (window, 0)
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or not all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window)
+    ):
+        raise ValueError(f"window must be an int >= 0 or a pair (left, right) of ints >= 0 or None, got {window!r}")
+    return (window[0], window[1])
