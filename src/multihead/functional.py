@@ -146,14 +146,14 @@ def multi_head_attention(
         average_weights=average_attn_weights,
     )  # (B, H, L, D), (B, L, S) | (B, H, L, S) | None
 
-    if batch_first or not batched:
-        out = out.transpose(1, 2).reshape(batch, q_len, embed_dim)  # (B, L, E)
-    else:
-        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
+    # torch's memory layout, (L, B, E) whatever batch_first says: a dropout applied to our output
+    # (as in nn.TransformerEncoderLayer) then draws its mask in the same order as torch's
+    out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
     out = F.linear(out, weights.out_proj_weight, weights.out_proj_bias)
     if not batched:
-        out = out.squeeze(0)
-        attn = attn.squeeze(0) if attn is not None else None
+        return out.squeeze(1), attn.squeeze(0) if attn is not None else None  # (L, E)
+    if batch_first:
+        out = out.transpose(0, 1)  # (B, L, E) view
     return out, attn
 
 

@@ -1,0 +1,181 @@
+"""`KVCache`: keys and values of earlier decoding steps, in static buffers.
+
+One cache per attention layer. Each step the layer projects its new tokens, rotates them at
+`cache.positions(L)`, and calls `cache.update(k, v)`, which writes them at each sequence's current
+length, advances the lengths, and returns the whole buffers with a mask of what each new query may
+see. Shapes never change from step to step and `update` has no Python-side branching on values, so
+`torch.compile(fullgraph=True)` captures a decode step once (one graph for prefill, one for decode).
+
+Masking (bottom-right causal, as flash-attn with a cache): query t of sequence b sits at position
+p = lengths_before[b] + t and sees key j only if j <= p (and, with window (left, right), j >= p - left;
+a cache has no future keys, so right is irrelevant). Since p < lengths_after[b], stale keys past a
+sequence's length are always hidden.
+
+Sequences of different lengths: prefill the prompts right-padded to a common length L (every
+sequence writes L keys; a real token only sees earlier real tokens, so its outputs are exact), then
+`cache.rewind(prompt_lengths)`: each sequence continues from its own length, and later writes
+overwrite the padding. Take each sequence's next-token logits at index prompt_lengths[b] - 1.
+
+Overflow: a Python-side counter (`bound`, an upper bound on max(lengths)) is checked and advanced by
+every eager `update`, so an overflow is a `ValueError` with no device sync. Inside `torch.compile` the
+counter is neither read nor advanced (Dynamo would specialise and recompile on it): a compiled caller
+must keep within `max_len` itself (`check_room(n)` before a compiled loop of n tokens), and the counter
+stays behind the true lengths until `reset`/`rewind`. An out-of-range write there is an indexing error
+(CPU) or a device-side assert (GPU), never a silent one.
+
+Use it under `torch.no_grad()` or `torch.inference_mode()`: the buffers are written in place.
+
+Notation: B batch, Hkv key/value heads, L new tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KVCache"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers for incremental decoding, one per attention layer.
+
+    Args:
+        batch_size: B, sequences decoded together.
+        max_len: capacity in tokens per sequence (prompt + generated).
+        num_kv_heads: Hkv, the layer's key/value heads (`num_kv_heads`, or `num_heads` without GQA).
+        head_dim: D = embed_dim // num_heads.
+        device, dtype: of the buffers (dtype defaults to torch's default dtype); must match the
+            keys/values the layer produces.
+
+    Buffers (non-persistent: not in any state_dict): `k`, `v` (B, Hkv, max_len, D) and `lengths` (B,)
+    int64, the number of tokens cached per sequence.
+    """
+
+    k: Tensor
+    v: Tensor
+    lengths: Tensor
+    _cols: Tensor
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_len = _positive_int("max_len", max_len)
+        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("lengths", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_cols", torch.arange(max_len, device=device), persistent=False)  # (max_len,)
+        self.bound = 0  # Python-side upper bound on max(lengths), advanced by eager updates
+
+    def extra_repr(self) -> str:
+        return (
+            f"batch_size={self.batch_size}, max_len={self.max_len}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, dtype={self.k.dtype}"
+        )
+
+    # ---- bookkeeping (eager) -----------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty the cache for a new batch of sequences (zeroes the buffers)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.lengths.zero_()
+        self.bound = 0
+
+    def rewind(self, lengths: Tensor | Sequence[int]) -> None:
+        """Set each sequence's length back to `lengths[b]` (<= its current length): keys past it are
+        hidden and overwritten by later writes. After a right-padded prefill, pass the prompt
+        lengths; also rolls back rejected tokens (speculative decoding). Reads the lengths (one sync)."""
+        new = torch.as_tensor(lengths, dtype=torch.long).to(self.lengths.device)
+        if new.shape != (self.batch_size,):
+            raise ValueError(f"lengths must have shape (batch_size,) = ({self.batch_size},), got {tuple(new.shape)}")
+        if bool((new < 0).any()) or bool((new > self.lengths).any()):
+            raise ValueError(
+                f"lengths must be between 0 and the current lengths {self.lengths.tolist()}, got {new.tolist()}"
+            )
+        self.lengths.copy_(new)
+        self.bound = int(new.max())
+
+    def check_room(self, n: int) -> None:
+        """Raise a ValueError unless `n` more tokens per sequence fit (by the Python-side counter)."""
+        if self.bound + n > self.max_len:
+            raise ValueError(
+                f"KVCache overflow: {n} new token(s) on top of up to {self.bound} cached exceed max_len={self.max_len}; "
+                f"build the cache with a larger max_len, or reset() it"
+            )
+
+    # ---- per step (compile-friendly) ---------------------------------------------------------
+    def positions(self, length: int) -> Tensor:
+        """(B, L) absolute positions of the next `length` tokens of each sequence."""
+        if not 0 < length <= self.max_len:
+            raise ValueError(f"length must be between 1 and max_len={self.max_len}, got {length}")
+        return self.lengths[:, None] + self._cols[:length]  # (B, L)
+
+    def update(
+        self, k_new: Tensor, v_new: Tensor, window: tuple[int | None, int | None] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Append k_new, v_new (B, Hkv, L, D) at each sequence's length and advance the lengths.
+
+        Returns (k, v, hidden): the whole buffers (B, Hkv, max_len, D) and a bool mask
+        (B, 1, L, max_len), True where query t of sequence b may not see key j: unless
+        j <= lengths_before[b] + t (and j >= lengths_before[b] + t - left with `window`).
+        """
+        self._check(k_new, v_new)
+        batch, heads, length, dim = k_new.shape
+        if not torch.compiler.is_compiling():
+            self.check_room(length)
+            self.bound += length
+        pos = self.lengths[:, None] + self._cols[:length]  # (B, L)
+        index = pos[:, None, :, None].expand(batch, heads, length, dim)  # (B, Hkv, L, D)
+        self.k.scatter_(2, index, k_new)
+        self.v.scatter_(2, index, v_new)
+        self.lengths.add_(length)
+        pos = pos[:, :, None]  # (B, L, 1)
+        hidden = self._cols > pos  # (B, L, max_len)
+        if window is not None and window[0] is not None:
+            hidden |= self._cols < pos - window[0]
+        return self.k, self.v, hidden[:, None]  # (B, Hkv, max_len, D) x2, (B, 1, L, max_len)
+
+    def _check(self, k_new: Tensor, v_new: Tensor) -> None:
+        """Shapes, dtypes and devices only: static under compile, no sync."""
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be (B, Hkv, L, D), got shape {tuple(t.shape)}")
+            batch, heads, length, dim = t.shape
+            if batch != self.batch_size:
+                raise ValueError(f"{name} has batch size {batch}, but the cache holds batch_size={self.batch_size}")
+            if heads != self.num_kv_heads:
+                raise ValueError(
+                    f"{name} has {heads} key/value heads, but the cache holds num_kv_heads={self.num_kv_heads}"
+                )
+            if dim != self.head_dim:
+                raise ValueError(f"{name} has head dim {dim}, but the cache holds head_dim={self.head_dim}")
+            if not 0 < length <= self.max_len:
+                raise ValueError(f"{name} has {length} new tokens; expected between 1 and max_len={self.max_len}")
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}, but the cache holds {self.k.dtype}; build it with dtype=")
+            if t.device != self.k.device:
+                raise ValueError(f"{name} is on {t.device}, but the cache is on {self.k.device}; move it with .to()")
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")

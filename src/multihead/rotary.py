@@ -1,0 +1,168 @@
+"""`RotaryEmbedding`: rotary position embedding (RoPE) for queries and keys, per head.
+
+Each pair of features (a, b) of a head is rotated by the angle `position * theta_i`, with
+theta_i = base ** (-2i / D), i = 0 .. D/2 - 1, so that after rotation q . k depends on the positions
+of q and k only through their difference. Two pairing conventions:
+
+- half-split (default; GPT-NeoX, Llama, `rotate_half`): pair i is (x[i], x[i + D/2]);
+- interleaved (`interleaved=True`; GPT-J, the RoFormer paper): pair i is (x[2i], x[2i + 1]).
+
+The cos/sin table is computed in float64 and stored in float32 (float64 for float64 inputs) as a
+non-persistent buffer, so it never appears in a state_dict. It is applied in the input's dtype (the
+table is cast once per dtype and cached). It grows on demand in eager mode when a position exceeds it.
+Under `torch.compile` it cannot grow: build the module with `max_seq_len` above every position the
+compiled code will see (or call `reserve(n)` before compiling); positions outside the table are an
+indexing error there.
+
+Notation: B batch, H heads, T sequence length, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding for (B, H, T, D) tensors.
+
+    Args:
+        head_dim: D, the feature size of one head; must be even.
+        base: the frequency base (10000 in the paper; Llama 3 uses 500000).
+        interleaved: pair features (2i, 2i+1) as GPT-J instead of (i, i + D/2) as GPT-NeoX / Llama.
+        max_seq_len: initial size of the cos/sin table (positions 0 .. max_seq_len - 1). Eager calls
+            grow it as needed; compiled calls require it to be large enough.
+        device: where the table lives (it follows `module.to(device)` afterwards).
+
+    Call: `rope(x, positions)` with x (B, H, T, D) and positions an integer tensor of absolute
+    positions, (T,) shared by the batch or (B, T) per sequence. Returns x rotated, same shape and dtype.
+    """
+
+    table: Tensor  # (N, 2, D): [:, 0] cos, [:, 1] sin with the rotation's sign folded in
+
+    def __init__(
+        self,
+        head_dim: int,
+        base: float = 10000.0,
+        interleaved: bool = False,
+        max_seq_len: int = 2048,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even int (features are rotated in pairs), got {head_dim!r}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1.0:
+            raise ValueError(f"base must be a number greater than 1, got {base!r}")
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.interleaved = bool(interleaved)
+        self._table_dtype = torch.float32  # the dtype the table was computed for (see _table)
+        self.register_buffer("table", self._build(max_seq_len, torch.float32, device), persistent=False)
+        self._cast: tuple[Tensor, Tensor] | None = None  # (source table, table cast to another dtype)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions 0 .. max_seq_len - 1 are in the table now."""
+        return self.table.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, base={self.base:g}, interleaved={self.interleaved}, "
+            f"max_seq_len={self.max_seq_len}"
+        )
+
+    # ---- the table ---------------------------------------------------------------------------
+    def _build(self, n: int, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+        """(n, 2, D) table in `dtype`: angles and cos/sin in float64, then rounded once."""
+        half = self.head_dim // 2
+        inv_freq = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
+        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq  # (n, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        if self.interleaved:  # x' = x * [c0, c0, c1, c1, ..] + [x1, x0, x3, x2, ..] * [-s0, s0, -s1, s1, ..]
+            cos = cos.repeat_interleave(2, dim=-1)
+            sin = torch.stack([-sin, sin], dim=-1).flatten(-2)
+        else:  # x' = x * [c, c] + [x2, x1] * [-s, s]   (x = [x1, x2] halves)
+            cos = torch.cat([cos, cos], dim=-1)
+            sin = torch.cat([-sin, sin], dim=-1)
+        return torch.stack([cos, sin], dim=1).to(dtype)  # (n, 2, D)
+
+    def reserve(self, n: int) -> None:
+        """Make sure positions 0 .. n - 1 are in the table (eager only; call before compiling)."""
+        if n > self.max_seq_len:
+            self._rebuild(max(n, 2 * self.max_seq_len), self._table_dtype)
+
+    def _rebuild(self, n: int, dtype: torch.dtype) -> None:
+        self.table = self._build(n, dtype, self.table.device)  # a registered buffer: stays one
+        self._table_dtype = dtype
+        self._cast = None
+
+    def _table(self, x: Tensor, needed: int | None) -> Tensor:
+        """The table on x's device, in x's dtype, with at least `needed` rows (eager)."""
+        if torch.compiler.is_compiling():  # no growth, no Python-side cache: the cast fuses
+            return self.table.to(device=x.device, dtype=x.dtype)
+        want = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # rebuild if moved to another device, cast by module.to(dtype) (its rows were rounded in
+        # another dtype), or too short
+        if self.table.device != x.device:
+            self.table = self.table.to(x.device)
+            self._cast = None
+        if self.table.dtype != self._table_dtype or self._table_dtype != want:
+            self._rebuild(max(self.max_seq_len, needed or 0), want)
+        elif needed is not None and needed > self.max_seq_len:
+            self._rebuild(max(needed, 2 * self.max_seq_len), want)
+        if x.dtype == self.table.dtype:
+            return self.table
+        if self._cast is None or self._cast[0] is not self.table or self._cast[1].dtype != x.dtype:
+            self._cast = (self.table, self.table.to(x.dtype))
+        return self._cast[1]
+
+    # ---- the rotation ------------------------------------------------------------------------
+    def forward(self, x: Tensor, positions: Tensor, *, max_position: int | None = None) -> Tensor:
+        """Rotate x (B, H, T, D) by absolute `positions`, (T,) or (B, T) integers.
+
+        max_position: an upper bound on `positions` known to the caller (e.g. T - 1, or a KV cache's
+        max_len - 1). Eager calls use it to grow the table without reading the positions; without it
+        they read `positions.max()`, which is a device sync on accelerators. Ignored under compile.
+        """
+        self._check(x, positions)
+        needed = None
+        if not torch.compiler.is_compiling():
+            if max_position is None and positions.numel():
+                low, high = (int(p) for p in positions.aminmax())
+                if low < 0:
+                    raise ValueError(f"positions must be >= 0, got a minimum of {low}")
+                max_position = high
+            needed = (max_position or 0) + 1
+        table = self._table(x, needed)[positions]  # (T, 2, D) | (B, T, 2, D)
+        if positions.dim() == 2:
+            table = table.unsqueeze(1)  # (B, 1, T, 2, D)
+        cos, sin = table.unbind(-2)  # (T, D) | (B, 1, T, D) each
+        return x * cos + self._swap(x) * sin
+
+    def _swap(self, x: Tensor) -> Tensor:
+        """Swap the two members of each pair (signs live in the sin table)."""
+        if self.interleaved:
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [x1, x0, x3, x2, ..]
+        return x.roll(self.head_dim // 2, dims=-1)  # [x2, x1] halves
+
+    def _check(self, x: Tensor, positions: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (B, H, T, D) tensor with D = head_dim = {self.head_dim}, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+            what = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
+            raise TypeError(f"positions must be an integer tensor, got {what}")
+        batch, _, length, _ = x.shape
+        if positions.shape not in ((length,), (batch, length)):
+            raise ValueError(
+                f"positions must have shape (T,) = ({length},) or (B, T) = ({batch}, {length}) for x of shape "
+                f"{tuple(x.shape)}, got {tuple(positions.shape)}"
+            )
+        if positions.device != x.device:
+            raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
