@@ -1,0 +1,1 @@
+"""The reference page's five examples (page_examples.py), then more."""
