@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+
 from helpers import assert_flash_rule, first_error, inputs, pair, random_bool_mask
 
 MASK_KINDS = [

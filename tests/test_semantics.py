@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import pair
 from multihead import MultiheadAttention
 from multihead.attend import BACKENDS
 from multihead.masks import build_mask
+
+from helpers import pair
 
 
 def backends_for(need_weights: bool) -> list[str]:
