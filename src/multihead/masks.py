@@ -179,6 +179,8 @@ def _is_causal_pattern(mask: Tensor) -> bool:
 
 # ---- building from user arguments ------------------------------------------------------------
 def _check_mask_dtype(name: str, mask: Tensor) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
 

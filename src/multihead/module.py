@@ -283,4 +283,6 @@ class MultiheadAttention(nn.Module):
 def safe_globals() -> list[type]:
     """Classes to allow-list for `torch.load(path, weights_only=True)` of a whole module:
     `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
-    return [MultiheadAttention, nn.Linear]
+    from .rotary import RotaryEmbedding
+
+    return [MultiheadAttention, nn.Linear, RotaryEmbedding]

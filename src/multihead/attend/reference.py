@@ -22,6 +22,8 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, 
 def safe_softmax(scores: Tensor) -> Tensor:
     """Softmax over the last dim; a row that is entirely -inf gives zeros (not NaN), and so does
     its gradient."""
+    if scores.shape[-1] == 0:  # S = 0: no key at all, every row is fully masked (amax would raise)
+        return scores.clone()  # (..., L, 0)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isneginf(row_max), 0.0, row_max).detach()
     exp = torch.exp(scores - row_max)
