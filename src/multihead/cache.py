@@ -2,9 +2,11 @@
 
 One cache per attention layer. Each step the layer projects its new tokens, rotates them at
 `cache.positions(L)`, and calls `cache.update(k, v)`, which writes them at each sequence's current
-length, advances the lengths, and returns the whole buffers with a mask of what each new query may
-see. Shapes never change from step to step and `update` has no Python-side branching on values, so
-`torch.compile(fullgraph=True)` captures a decode step once (one graph for prefill, one for decode).
+length, advances the lengths, and returns the buffers with a mask of what each new query may see.
+Under `torch.compile` the returned shapes are static (the whole buffers) and `update` has no
+Python-side branching on values, so `torch.compile(fullgraph=True)` captures a decode step once (one
+graph for prefill, one for decode). In eager mode `update` returns the buffers only up to the longest
+sequence (views, no copy), so attention costs what has been cached, not `max_len`.
 
 Masking (bottom-right causal, as flash-attn with a cache): query t of sequence b sits at position
 p = lengths_before[b] + t and sees key j only if j <= p (and, with window (left, right), j >= p - left;
@@ -17,11 +19,12 @@ sequence writes L keys; a real token only sees earlier real tokens, so its outpu
 overwrite the padding. Take each sequence's next-token logits at index prompt_lengths[b] - 1.
 
 Overflow: a Python-side counter (`bound`, an upper bound on max(lengths)) is checked and advanced by
-every eager `update`, so an overflow is a `ValueError` with no device sync. Inside `torch.compile` the
-counter is neither read nor advanced (Dynamo would specialise and recompile on it): a compiled caller
-must keep within `max_len` itself (`check_room(n)` before a compiled loop of n tokens), and the counter
-stays behind the true lengths until `reset`/`rewind`. An out-of-range write there is an indexing error
-(CPU) or a device-side assert (GPU), never a silent one.
+every eager `update`, so an overflow is a `ValueError` before anything is written, with no device
+sync. Inside `torch.compile` the counter is not read (Dynamo would specialise and recompile on it):
+a compiled step sets it to None ("unknown"), and the next eager call reads the lengths once (one
+sync) to restore it. A compiled caller must keep within `max_len` itself (`check_room(n)` before a
+compiled loop of n tokens); an out-of-range write there is an indexing error (CPU) or a device-side
+assert (GPU), never a silent one.
 
 Use it under `torch.no_grad()` or `torch.inference_mode()`: the buffers are written in place.
 
@@ -63,6 +66,7 @@ class KVCache(nn.Module):
     v: Tensor
     lengths: Tensor
     _cols: Tensor
+    _rows: Tensor
 
     def __init__(
         self,
@@ -87,7 +91,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_cols", torch.arange(max_len, device=device), persistent=False)  # (max_len,)
-        self.bound = 0  # Python-side upper bound on max(lengths), advanced by eager updates
+        self.register_buffer("_rows", torch.arange(batch_size, device=device)[:, None], persistent=False)  # (B, 1)
+        self.bound: int | None = 0  # upper bound on max(lengths) kept by eager updates; None: unknown
+        self._uniform = True  # all sequences have the same length (kept through update; eager-only use)
 
     def extra_repr(self) -> str:
         return (
@@ -102,6 +108,7 @@ class KVCache(nn.Module):
         self.v.zero_()
         self.lengths.zero_()
         self.bound = 0
+        self._uniform = True
 
     def rewind(self, lengths: Tensor | Sequence[int]) -> None:
         """Set each sequence's length back to `lengths[b]` (<= its current length): keys past it are
@@ -115,11 +122,19 @@ class KVCache(nn.Module):
                 f"lengths must be between 0 and the current lengths {self.lengths.tolist()}, got {new.tolist()}"
             )
         self.lengths.copy_(new)
-        self.bound = int(new.max())
+        low, high = (int(n) for n in new.aminmax())
+        self.bound = high
+        self._uniform = low == high
+
+    def _bound(self) -> int:
+        """The Python-side bound, restored from the lengths (one sync) after compiled steps."""
+        if self.bound is None:
+            self.bound = int(self.lengths.max())
+        return self.bound
 
     def check_room(self, n: int) -> None:
         """Raise a ValueError unless `n` more tokens per sequence fit (by the Python-side counter)."""
-        if self.bound + n > self.max_len:
+        if self._bound() + n > self.max_len:
             raise ValueError(
                 f"KVCache overflow: {n} new token(s) on top of up to {self.bound} cached exceed max_len={self.max_len}; "
                 f"build the cache with a larger max_len, or reset() it"
@@ -134,31 +149,51 @@ class KVCache(nn.Module):
 
     def update(
         self, k_new: Tensor, v_new: Tensor, window: tuple[int | None, int | None] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Append k_new, v_new (B, Hkv, L, D) at each sequence's length and advance the lengths.
 
-        Returns (k, v, hidden): the whole buffers (B, Hkv, max_len, D) and a bool mask
-        (B, 1, L, max_len), True where query t of sequence b may not see key j: unless
-        j <= lengths_before[b] + t (and j >= lengths_before[b] + t - left with `window`).
-        """
-        self._check(k_new, v_new)
-        batch, heads, length, dim = k_new.shape
-        if not torch.compiler.is_compiling():
-            self.check_room(length)
-            self.bound += length
-        pos = self.lengths[:, None] + self._cols[:length]  # (B, L)
-        index = pos[:, None, :, None].expand(batch, heads, length, dim)  # (B, Hkv, L, D)
-        self.k.scatter_(2, index, k_new)
-        self.v.scatter_(2, index, v_new)
-        self.lengths.add_(length)
-        pos = pos[:, :, None]  # (B, L, 1)
-        hidden = self._cols > pos  # (B, L, max_len)
-        if window is not None and window[0] is not None:
-            hidden |= self._cols < pos - window[0]
-        return self.k, self.v, hidden[:, None]  # (B, Hkv, max_len, D) x2, (B, 1, L, max_len)
+        Returns (k, v, hidden): the buffers (B, Hkv, S, D) and a bool mask (B, 1, L, S), True where
+        query t of sequence b may not see key j: unless j <= lengths_before[b] + t (and
+        j >= lengths_before[b] + t - left with `window`).
 
-    def _check(self, k_new: Tensor, v_new: Tensor) -> None:
-        """Shapes, dtypes and devices only: static under compile, no sync."""
+        Under torch.compile, S = max_len (static shapes) and hidden is always a tensor. In eager
+        mode, S = `bound`, the longest sequence so far (views of the buffers, no copy), and hidden
+        is None when it would hide nothing (one new token per sequence, all sequences of the same
+        length, no window cutting in), so attention runs unmasked.
+        """
+        k_buf, v_buf, lengths, cols = self.k, self.v, self.lengths, self._cols  # one lookup each
+        length = k_new.shape[2] if k_new.dim() == 4 else 0
+        expected = (self.batch_size, self.num_kv_heads, length, self.head_dim)
+        if length == 0 or k_new.shape != expected or v_new.shape != k_new.shape:
+            self._explain_shapes(k_new, v_new)
+        if k_new.dtype != k_buf.dtype or v_new.dtype != k_buf.dtype or k_new.device != k_buf.device:
+            self._explain_dtypes(k_new, v_new)
+        if torch.compiler.is_compiling():
+            self.bound = None  # a write only: no guard, no recompile; the next eager call re-reads
+            keys = self.max_len
+            unmasked = False
+        else:
+            self.check_room(length)
+            keys = self.bound = self.bound + length
+            left = None if window is None else window[0]
+            unmasked = length == 1 and self._uniform and (left is None or left >= keys - 1)
+        pos = lengths[:, None] + cols[:length]  # (B, L)
+        # index_put_ (not scatter_): inductor writes it in place into the buffer, with no copy back
+        k_buf[self._rows, :, pos] = k_new.transpose(1, 2)  # indexed (B, L, Hkv, D)
+        v_buf[self._rows, :, pos] = v_new.transpose(1, 2)
+        lengths.add_(length)
+        if keys < self.max_len:
+            k_buf, v_buf, cols = k_buf[:, :, :keys], v_buf[:, :, :keys], cols[:keys]  # (B, Hkv, S, D), (S,)
+        if unmasked:
+            return k_buf, v_buf, None
+        pos = pos[:, :, None]  # (B, L, 1)
+        hidden = cols > pos  # (B, L, S)
+        if window is not None and window[0] is not None:
+            hidden |= cols < pos - window[0]
+        return k_buf, v_buf, hidden[:, None]  # (B, Hkv, S, D) x2, (B, 1, L, S)
+
+    def _explain_shapes(self, k_new: Tensor, v_new: Tensor) -> None:
+        """Raise the ValueError that says what is wrong with the shapes."""
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if t.dim() != 4:
                 raise ValueError(f"{name} must be (B, Hkv, L, D), got shape {tuple(t.shape)}")
@@ -173,9 +208,11 @@ class KVCache(nn.Module):
                 raise ValueError(f"{name} has head dim {dim}, but the cache holds head_dim={self.head_dim}")
             if not 0 < length <= self.max_len:
                 raise ValueError(f"{name} has {length} new tokens; expected between 1 and max_len={self.max_len}")
+        raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+
+    def _explain_dtypes(self, k_new: Tensor, v_new: Tensor) -> None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
             if t.dtype != self.k.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype}, but the cache holds {self.k.dtype}; build it with dtype=")
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device}, but the cache is on {self.k.device}; move it with .to()")
-        if v_new.shape != k_new.shape:
-            raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")

@@ -118,13 +118,16 @@ def multi_head_attention(
 
     if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
         positions = kv_cache.positions(q_len)  # (B, L)
-        if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
-        k, v, hidden = kv_cache.update(k, v, window=window)  # (B, Hkv, max_len, D) x2, (B, 1, L, max_len)
+        if rotary is not None:  # one table lookup for both; the cache bounds positions (no read)
+            q, k = rotary.rotate_qk(q, k, positions, max_position=kv_cache.max_len - 1)
+        # S = max_len under compile, the longest cached sequence in eager; hidden None: nothing hidden
+        k, v, hidden = kv_cache.update(k, v, window=window)  # (B, Hkv, S, D) x2, (B, 1, L, S) | None
         mask = AttentionMask(batch, num_heads, q_len, k.shape[2], dense=hidden, device=query.device)
+    elif rotary is not None and q_len == k_len:
+        q, k = rotary.rotate_qk(q, k, torch.arange(q_len, device=q.device), max_position=q_len - 1)
     elif rotary is not None:
-        q = rotary(q, torch.arange(q_len, device=q.device))
-        k = rotary(k, torch.arange(k_len, device=k.device))
+        q = rotary(q, torch.arange(q_len, device=q.device), max_position=q_len - 1)
+        k = rotary(k, torch.arange(k_len, device=k.device), max_position=k_len - 1)
     if weights.bias_k is not None:
         k = torch.cat([k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)  # (B, Hkv, S+1, D)
         v = torch.cat([v, _heads(weights.bias_v.to(v.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)

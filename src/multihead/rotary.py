@@ -38,6 +38,8 @@ class RotaryEmbedding(nn.Module):
 
     Call: `rope(x, positions)` with x (B, H, T, D) and positions an integer tensor of absolute
     positions, (T,) shared by the batch or (B, T) per sequence. Returns x rotated, same shape and dtype.
+    `rope.rotate_qk(q, k, positions)` rotates queries and keys at the same positions with one table
+    lookup. Pass `max_position=` (a bound the caller knows) to spare eager calls reading the positions.
     """
 
     table: Tensor  # (N, 2, D): [:, 0] cos, [:, 1] sin with the rotation's sign folded in
@@ -63,6 +65,11 @@ class RotaryEmbedding(nn.Module):
         self._table_dtype = torch.float32  # the dtype the table was computed for (see _table)
         self.register_buffer("table", self._build(max_seq_len, torch.float32, device), persistent=False)
         self._cast: tuple[Tensor, Tensor] | None = None  # (source table, table cast to another dtype)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cast"] = None  # a cache: not worth saving
+        return state
 
     @property
     def max_seq_len(self) -> int:
@@ -100,25 +107,30 @@ class RotaryEmbedding(nn.Module):
         self._table_dtype = dtype
         self._cast = None
 
-    def _table(self, x: Tensor, needed: int | None) -> Tensor:
-        """The table on x's device, in x's dtype, with at least `needed` rows (eager)."""
-        if torch.compiler.is_compiling():  # no growth, no Python-side cache: the cast fuses
-            return self.table.to(device=x.device, dtype=x.dtype)
+    def _table(self, x: Tensor, needed: int) -> Tensor:
+        """The table on x's device, in x's dtype, with at least `needed` rows (eager only)."""
+        table = self.table  # one module attribute lookup: this runs every decode step
         want = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # rebuild if moved to another device, cast by module.to(dtype) (its rows were rounded in
-        # another dtype), or too short
-        if self.table.device != x.device:
-            self.table = self.table.to(x.device)
+        if table.device != x.device or table.dtype != want or self._table_dtype != want or needed > table.shape[0]:
+            table = self._refresh(x.device, want, needed)
+        if x.dtype == want:
+            return table
+        cast = self._cast
+        if cast is None or cast[0] is not table or cast[1].dtype != x.dtype:
+            cast = self._cast = (table, table.to(x.dtype))
+        return cast[1]
+
+    def _refresh(self, device: torch.device, want: torch.dtype, needed: int) -> Tensor:
+        """Move the table to `device`; rebuild it if it is too short, or if its rows were rounded
+        in another dtype than `want` (module.to(dtype) casts buffers)."""
+        if self.table.device != device:
+            self.table = self.table.to(device)
             self._cast = None
         if self.table.dtype != self._table_dtype or self._table_dtype != want:
-            self._rebuild(max(self.max_seq_len, needed or 0), want)
-        elif needed is not None and needed > self.max_seq_len:
+            self._rebuild(max(self.max_seq_len, needed), want)
+        elif needed > self.max_seq_len:
             self._rebuild(max(needed, 2 * self.max_seq_len), want)
-        if x.dtype == self.table.dtype:
-            return self.table
-        if self._cast is None or self._cast[0] is not self.table or self._cast[1].dtype != x.dtype:
-            self._cast = (self.table, self.table.to(x.dtype))
-        return self._cast[1]
+        return self.table
 
     # ---- the rotation ------------------------------------------------------------------------
     def forward(self, x: Tensor, positions: Tensor, *, max_position: int | None = None) -> Tensor:
@@ -126,22 +138,39 @@ class RotaryEmbedding(nn.Module):
 
         max_position: an upper bound on `positions` known to the caller (e.g. T - 1, or a KV cache's
         max_len - 1). Eager calls use it to grow the table without reading the positions; without it
-        they read `positions.max()`, which is a device sync on accelerators. Ignored under compile.
+        they read `positions.min()/max()`, which is a device sync on accelerators. Ignored under compile.
         """
-        self._check(x, positions)
-        needed = None
+        cos, sin = self._cos_sin(x, positions, max_position)
+        return self._rotate(x, cos, sin)
+
+    def rotate_qk(
+        self, q: Tensor, k: Tensor, positions: Tensor, *, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`(self(q, positions), self(k, positions))` for q (B, H, T, D) and k (B, Hkv, T, D) at the
+        same positions, looking the table up once (fewer ops per decode step)."""
+        cos, sin = self._cos_sin(q, positions, max_position)
         if not torch.compiler.is_compiling():
+            self._check(k, positions)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _cos_sin(self, x: Tensor, positions: Tensor, max_position: int | None) -> tuple[Tensor, Tensor]:
+        """cos and signed sin at `positions`, in x's dtype: (T, D) or (B, 1, T, D) each."""
+        if torch.compiler.is_compiling():  # no checks on values, no growth, no Python-side cache
+            table = self.table.to(device=x.device, dtype=x.dtype)
+        else:
+            self._check(x, positions)
             if max_position is None and positions.numel():
-                low, high = (int(p) for p in positions.aminmax())
+                low, max_position = (int(p) for p in positions.aminmax())
                 if low < 0:
                     raise ValueError(f"positions must be >= 0, got a minimum of {low}")
-                max_position = high
-            needed = (max_position or 0) + 1
-        table = self._table(x, needed)[positions]  # (T, 2, D) | (B, T, 2, D)
+            table = self._table(x, (max_position or 0) + 1)
+        table = table[positions]  # (T, 2, D) | (B, T, 2, D)
         if positions.dim() == 2:
             table = table.unsqueeze(1)  # (B, 1, T, 2, D)
-        cos, sin = table.unbind(-2)  # (T, D) | (B, 1, T, D) each
-        return x * cos + self._swap(x) * sin
+        return table.unbind(-2)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return torch.addcmul(x * cos, self._swap(x), sin)  # x * cos + swap(x) * sin
 
     def _swap(self, x: Tensor) -> Tensor:
         """Swap the two members of each pair (signs live in the sin table)."""
@@ -155,7 +184,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"x must be a (B, H, T, D) tensor with D = head_dim = {self.head_dim}, got {got}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+        if (
+            not isinstance(positions, Tensor)
+            or positions.dtype == torch.bool
+            or positions.is_floating_point()
+            or positions.is_complex()
+        ):
             what = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
             raise TypeError(f"positions must be an integer tensor, got {what}")
         batch, _, length, _ = x.shape
