@@ -13,7 +13,8 @@ from helpers import pair
 
 
 def backends_for(need_weights: bool) -> list[str]:
-    return [n for n in BACKENDS if not (n == "sdpa" and need_weights)]
+    """Backends that serve these plain (window-free) requests: windowed serves sliding windows only."""
+    return [n for n in BACKENDS if n != "windowed" and not (n == "sdpa" and need_weights)]
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
@@ -173,7 +174,7 @@ def test_grouped_query_attention_matches_repeated_heads():
         full.in_proj_bias.copy_(torch.cat([b_q, rep(b_k[:, None])[:, 0], rep(b_v[:, None])[:, 0]]))
         full.out_proj.load_state_dict(gqa.out_proj.state_dict())
     x = torch.randn(2, 6, E)
-    for backend in BACKENDS:
+    for backend in backends_for(need_weights=True) + ["sdpa"]:
         gqa.backend = full.backend = backend
         for nw in (True, False) if backend != "sdpa" else (False,):
             a, b = gqa(x, x, x, is_causal=True, need_weights=nw), full(x, x, x, is_causal=True, need_weights=nw)

@@ -14,10 +14,11 @@ from types import ModuleType
 from torch import Tensor
 
 from ..masks import AttentionMask
-from . import reference, sdpa
+from . import reference, sdpa, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (sdpa, reference)}
-PRIORITY: tuple[str, ...] = ("sdpa", "reference")
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, reference)}
+# first that serves wins: windowed only takes sliding windows that pay; sdpa everything without weights
+PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "reference")
 
 
 def choose(
