@@ -14,11 +14,12 @@ from types import ModuleType
 from torch import Tensor
 
 from ..masks import AttentionMask
-from . import reference, sdpa, windowed
+from . import blockwise, reference, sdpa, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, reference)}
-# first that serves wins: windowed only takes sliding windows that pay; sdpa everything without weights
-PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "reference")
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, blockwise, reference)}
+# first that serves wins: windowed only takes sliding windows that pay; sdpa everything without
+# weights; blockwise everything with weights; reference is the oracle
+PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "blockwise", "reference")
 
 
 def choose(

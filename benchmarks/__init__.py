@@ -1,0 +1,1 @@
+"""Benchmarks against torch.nn.MultiheadAttention: `python -m multihead bench --help`."""
