@@ -1,8 +1,18 @@
 """multihead: a drop-in `torch.nn.MultiheadAttention` with torch's numbers, and more."""
 
+from .cache import KVCache
 from .functional import Projections, multi_head_attention
 from .masks import AttentionMask
 from .module import MultiheadAttention, safe_globals
+from .rotary import RotaryEmbedding
 
-__all__ = ["AttentionMask", "MultiheadAttention", "Projections", "multi_head_attention", "safe_globals"]
+__all__ = [
+    "AttentionMask",
+    "KVCache",
+    "MultiheadAttention",
+    "Projections",
+    "RotaryEmbedding",
+    "multi_head_attention",
+    "safe_globals",
+]
 __version__ = "0.1.0"
