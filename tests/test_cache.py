@@ -147,13 +147,6 @@ def test_inference_mode():
     assert cache.lengths.tolist() == [2]
 
 
-def _module_supports_cache() -> bool:
-    import inspect
-
-    return "kv_cache" in inspect.signature(multihead.MultiheadAttention.forward).parameters
-
-
-@pytest.mark.skipif(not _module_supports_cache(), reason="MultiheadAttention has no kv_cache yet")
 @pytest.mark.parametrize("window", [None, (2, 0)])
 def test_module_with_cache_equals_full_causal_attention(window):
     """Prefill 5 + decode 1 + chunk 3 + decode 1 through the cache == one causal pass (GQA, RoPE)."""
