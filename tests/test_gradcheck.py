@@ -210,11 +210,4 @@ def test_gradcheck_float_mask_is_differentiable(need_weights):
     for_each_backend(_float_mask_gradcheck, need_weights=need_weights)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny sizes: thread-pool overhead dominates (SDPA's CPU kernel is ~10x slower on 2 busy
-    threads), so run this module on one thread and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -56,13 +56,7 @@ def each_backend(check):
     return test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny sizes: thread-pool overhead dominates; one thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def oracle(ours: MultiheadAttention) -> MultiheadAttention:

@@ -43,13 +43,7 @@ ATTN_KINDS = ["none", "bool2d", "float2d", "bool3d", "float3d", "causal_bool", "
 KPM_KINDS = ["none", "bool", "float"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny sizes: thread-pool overhead dominates; one thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
