@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,viz,cli]'
+	$(PY) -m pip install -q -e '.[dev,viz,cli,onnx,triton,docs]'
 	touch $@
 
 demo: $(VENV)/.ready

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from examples import page_examples as page
+from multihead.examples import page_examples as page
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-_path = Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
-_spec = importlib.util.spec_from_file_location("tiny_lm", _path)
-tiny_lm = sys.modules.setdefault("tiny_lm", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(tiny_lm)
+from multihead.examples import tiny_lm
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,18 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import MultiheadAttention
-
-REPO = Path(__file__).resolve().parents[2]  # examples/ and benchmarks/ live beside src/
-
-
-def _with_repo_on_path() -> None:
-    if (REPO / "examples").is_dir() and str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
 
 
 def _median_ms(fn, rounds: int = 7) -> float:
@@ -61,8 +53,7 @@ def compare_with_torch(batch: int = 4, length: int = 100, embed_dim: int = 512, 
 
 
 def demo() -> int:
-    _with_repo_on_path()
-    from examples import page_examples
+    from .examples import page_examples
 
     page_examples.main()
     print(
@@ -73,10 +64,8 @@ def demo() -> int:
             f"need_weights={need_weights!s:5}: largest difference {diff:.2e}   "
             f"torch {t_torch:7.3f} ms   ours {t_ours:7.3f} ms   speedup {t_torch / t_ours:4.2f}x"
         )
-    try:
-        from examples import tiny_lm
-    except ImportError:
-        return 0
+    from .examples import tiny_lm
+
     print("\n=== A small decoder-only model (GQA + RoPE + KV cache) generating")
     tiny_lm.main()
     return 0
@@ -115,12 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo()
     if args.command == "check":
         return check()
-    _with_repo_on_path()
-    try:
-        from benchmarks import bench
-    except ImportError as e:
-        print(f"bench needs the repository's benchmarks/ folder (run from a clone): {e}", file=sys.stderr)
-        return 2
+    from .benchmarks import bench
+
     return bench.main(rest)
 
 

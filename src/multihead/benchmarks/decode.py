@@ -11,7 +11,7 @@ Both modules in train mode with dropout 0 under `torch.no_grad()` (DESIGN.md's f
 Layer inputs are random (B, prompt + tokens, E) rows, fed one per step. Reports ms per generated
 token for each, and torch / ours.
 
-    python -m benchmarks.decode [--tokens 1024] [--no-compile] [--baseline-stride 8]   # prints JSON
+    python -m multihead.benchmarks.decode [--tokens 1024] [--no-compile] [--baseline-stride 8]   # prints JSON
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ interleaved; each sample repeats a call until it lasts >= `min_sample_s`; median
 ratios are reported, with the spread (min, max) of the samples. Peak memory: increase of VmHWM over
 the process's resident size just before one call (Linux; None elsewhere).
 
-    python -m benchmarks.window [--L 4096] [--W 256] [--B 1] [--E 512] [--H 8] [--threads N]   # JSON
+    python -m multihead.benchmarks.window [--L 4096] [--W 256] [--B 1] [--E 512] [--H 8] [--threads N]   # JSON
 """
 
 from __future__ import annotations
