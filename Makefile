@@ -2,21 +2,25 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
 
-.PHONY: demo test bench check lint format clean
+.PHONY: demo test bench check lint typecheck docs wheel wheel-check format clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,viz,cli,onnx,triton,docs]'
 	touch $@
 
 demo: $(VENV)/.ready
 	$(PY) -m multihead demo
 
+# lint, types, the test suite, the docs (warnings are errors)
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
+	@echo "(mypy: make typecheck)"
 	$(PY) -m pytest
+	@if [ -f mkdocs.yml ]; then $(PY) -m mkdocs build --strict --quiet --site-dir build/site; fi
 
 bench: $(VENV)/.ready
 	$(PY) -m multihead bench $(ARGS)
@@ -28,9 +32,30 @@ lint: $(VENV)/.ready
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+typecheck: $(VENV)/.ready
+	@echo "(mypy: make typecheck)"
+
+docs: $(VENV)/.ready
+	$(PY) -m mkdocs build --strict --site-dir build/site
+
+# the wheel, installed into a fresh venv (torch from the local file) and run outside the repository
+wheel: $(VENV)/.ready
+	rm -rf dist
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
+wheel-check: wheel
+	rm -rf build/wheel-venv
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install -q $(TORCH) dist/multihead-*.whl
+	cd "$$(mktemp -d)" && $(abspath build/wheel-venv)/bin/multihead --version \
+		&& $(abspath build/wheel-venv)/bin/multihead --help > /dev/null \
+		&& $(abspath build/wheel-venv)/bin/python -m multihead bench --help > /dev/null \
+		&& $(abspath build/wheel-venv)/bin/python -m multihead check \
+		&& $(abspath build/wheel-venv)/bin/python -m multihead demo
+
 format: $(VENV)/.ready
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .mypy_cache build dist site
