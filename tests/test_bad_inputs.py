@@ -15,6 +15,7 @@ import torch
 
 import multihead.attend
 from multihead import MultiheadAttention as MHA
+from multihead import MultiheadAttentionShapeError as ShapeError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 B, L, S, E, H = 2, 3, 4, 8, 2
@@ -34,9 +35,12 @@ def forward(module=None, q=None, k=None, v=None, **kw):
 
 
 def _forced(backend, **kw):
-    m = MHA(E, H)
-    m.backend = backend
-    return forward(m, **kw)
+    def run():
+        m = MHA(E, H)
+        m.backend = backend  # validated on assignment
+        return m(_x(B, L, E), _x(B, S, E), _x(B, S, E), **kw)
+
+    return run
 
 
 def _load(state_change):
@@ -64,7 +68,7 @@ def _resize(key):
 # (id, thunk, exception type, words the message must contain: the argument's name first)
 ROWS = [
     # ---- construction ----
-    ("embed_dim_not_divisible", lambda: MHA(10, 3), ValueError, ["embed_dim", "num_heads", "divisible"]),
+    ("embed_dim_not_divisible", lambda: MHA(10, 3), ShapeError, ["embed_dim", "num_heads", "divisible"]),
     ("embed_dim_zero", lambda: MHA(0, 2), ValueError, ["embed_dim", "greater than 0"]),
     ("embed_dim_negative", lambda: MHA(-8, 2), ValueError, ["embed_dim", "greater than 0"]),
     ("embed_dim_not_int", lambda: MHA(8.0, 2), TypeError, ["embed_dim", "int"]),
@@ -80,9 +84,9 @@ ROWS = [
     ("dropout_nan", lambda: MHA(8, 2, dropout=float("nan")), ValueError, ["dropout", "[0, 1)"]),
     ("dropout_not_a_number", lambda: MHA(8, 2, dropout="0.1"), ValueError, ["dropout"]),
     # ---- query / key / value ----
-    ("qkv_different_ranks", forward(k=_x(S, E)), ValueError, ["key", "same number of dimensions"]),
-    ("query_1d", forward(q=_x(E), k=_x(E), v=_x(E)), ValueError, ["query", "3-D", "2-D"]),
-    ("query_4d", forward(q=_x(1, B, L, E), k=_x(1, B, S, E), v=_x(1, B, S, E)), ValueError, ["query", "3-D"]),
+    ("qkv_different_ranks", forward(k=_x(S, E)), ShapeError, ["key", "same number of dimensions"]),
+    ("query_1d", forward(q=_x(E), k=_x(E), v=_x(E)), ShapeError, ["query", "3-D", "2-D"]),
+    ("query_4d", forward(q=_x(1, B, L, E), k=_x(1, B, S, E), v=_x(1, B, S, E)), ShapeError, ["query", "3-D"]),
     ("batch_size_mismatch", forward(k=_x(3, S, E), v=_x(3, S, E)), ValueError, ["key", "batch size"]),
     (
         "batch_size_mismatch_seq_first",
@@ -91,15 +95,15 @@ ROWS = [
         ["key", "batch size", "batch_first=False"],
     ),
     ("value_batch_size_mismatch", forward(v=_x(1, S, E)), ValueError, ["value", "batch size"]),
-    ("query_last_dim", forward(q=_x(B, L, E + 1)), ValueError, ["query", "embed_dim=8"]),
-    ("key_last_dim", forward(MHA(E, H, kdim=5, vdim=6), k=_x(B, S, 6), v=_x(B, S, 6)), ValueError, ["key", "kdim=5"]),
+    ("query_last_dim", forward(q=_x(B, L, E + 1)), ShapeError, ["query", "embed_dim=8"]),
+    ("key_last_dim", forward(MHA(E, H, kdim=5, vdim=6), k=_x(B, S, 6), v=_x(B, S, 6)), ShapeError, ["key", "kdim=5"]),
     (
         "value_last_dim",
         forward(MHA(E, H, kdim=5, vdim=6), k=_x(B, S, 5), v=_x(B, S, 5)),
-        ValueError,
+        ShapeError,
         ["value", "vdim=6"],
     ),
-    ("key_value_length_mismatch", forward(v=_x(B, S + 1, E)), ValueError, ["key", "value", "sequence length"]),
+    ("key_value_length_mismatch", forward(v=_x(B, S + 1, E)), ShapeError, ["key", "value", "sequence length"]),
     ("query_int", forward(q=torch.ones(B, L, E, dtype=torch.long)), TypeError, ["query", "floating-point"]),
     ("query_complex", forward(q=_x(B, L, E, dtype=torch.complex64)), TypeError, ["query", "floating-point"]),
     ("query_dtype_not_params", forward(q=_x(B, L, E, dtype=torch.float64)), TypeError, ["query", "dtype", "autocast"]),
@@ -121,11 +125,11 @@ ROWS = [
     (
         "attn_mask_3d_unbatched_wrong_lead",
         forward(q=_x(L, E), k=_x(S, E), v=_x(S, E), attn_mask=torch.zeros(B * H, L, S)),
-        ValueError,
+        ShapeError,
         ["attn_mask", "num_heads", "(2, 3, 4)"],
     ),
-    ("attn_mask_1d", forward(attn_mask=torch.zeros(S)), ValueError, ["attn_mask", "2 dimensions"]),
-    ("attn_mask_4d", forward(attn_mask=torch.zeros(B, H, L, S)), ValueError, ["attn_mask", "2 dimensions"]),
+    ("attn_mask_1d", forward(attn_mask=torch.zeros(S)), ShapeError, ["attn_mask", "2 dimensions"]),
+    ("attn_mask_4d", forward(attn_mask=torch.zeros(B, H, L, S)), ShapeError, ["attn_mask", "2 dimensions"]),
     (
         "attn_mask_int",
         forward(attn_mask=torch.zeros(L, S, dtype=torch.long)),
@@ -161,13 +165,13 @@ ROWS = [
     (
         "key_padding_mask_1d_batched",
         forward(key_padding_mask=torch.zeros(S, dtype=torch.bool)),
-        ValueError,
+        ShapeError,
         ["key_padding_mask", "(B, S)"],
     ),
     (
         "key_padding_mask_2d_unbatched",
         forward(q=_x(L, E), k=_x(S, E), v=_x(S, E), key_padding_mask=torch.zeros(1, S, dtype=torch.bool)),
-        ValueError,
+        ShapeError,
         ["key_padding_mask", "(S,)"],
     ),
     (

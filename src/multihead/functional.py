@@ -6,7 +6,7 @@ D head dim (E // H).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ def multi_head_attention(
     rotary: RotaryEmbedding | None = None,
     window: tuple[int | None, int | None] | None = None,
     kv_cache: KVCache | None = None,
+    out_proj: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention with `torch.nn.MultiheadAttention`'s semantics.
 
@@ -67,6 +68,8 @@ def multi_head_attention(
         continuing each sequence). window: (left, right) keys each query may see around its
         diagonal (None = unbounded). kv_cache: keys/values of earlier steps; the new tokens are
         appended and attend causally (bottom-right) to everything cached.
+    out_proj: the module's output projection, called as a module (its hooks fire, e.g. FSDP2's);
+        default `F.linear` with `weights.out_proj_weight`/`out_proj_bias`.
     """
     num_kv_heads = num_kv_heads or num_heads
     embed_dim = weights.out_proj_weight.shape[0]
@@ -109,6 +112,7 @@ def multi_head_attention(
             batched=batched,
             device=query.device,
             window=window,
+            batch_first=batch_first,
         )
 
     q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
@@ -152,11 +156,16 @@ def multi_head_attention(
     # torch's memory layout, (L, B, E) whatever batch_first says: a dropout applied to our output
     # (as in nn.TransformerEncoderLayer) then draws its mask in the same order as torch's
     out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
-    out = F.linear(out, weights.out_proj_weight, weights.out_proj_bias)
+    if out_proj is not None:
+        out = out_proj(out)
+    else:
+        out = F.linear(out, weights.out_proj_weight, _bias_like(weights.out_proj_bias, weights.out_proj_weight))
+    # the returned output is not a view (in-place ops on it stay safe, FSDP2 included); clone keeps
+    # the (L, B, E) strides
     if not batched:
-        return out.squeeze(1), attn.squeeze(0) if attn is not None else None  # (L, E)
+        return out.squeeze(1).clone(), attn.squeeze(0) if attn is not None else None  # (L, E)
     if batch_first:
-        out = out.transpose(0, 1)  # (B, L, E) view
+        out = out.transpose(0, 1).clone()  # (B, L, E), (L, B, E) strides
     return out, attn
 
 
@@ -166,6 +175,9 @@ def _project(
     """Input projections, fused where the inputs allow: one matmul for self-attention, two when
     key is value."""
     sizes = [embed_dim, kv_dim, kv_dim]
+    weight = w.in_proj_weight if w.in_proj_weight is not None else w.q_proj_weight
+    if w.in_proj_bias is not None and w.in_proj_bias.dtype != weight.dtype:  # mixed parameter dtypes
+        w = w._replace(in_proj_bias=w.in_proj_bias.to(weight.dtype))
     b_q, b_k, b_v = (None, None, None) if w.in_proj_bias is None else w.in_proj_bias.split(sizes)
     if w.in_proj_weight is not None:
         if shared == "qkv":
@@ -178,6 +190,11 @@ def _project(
     else:
         w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
+    """A bias in its weight's dtype (a float64 module with a float16 bias works in both layouts)."""
+    return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
 
 
 def _heads(bias: Tensor, num_kv_heads: int) -> Tensor:

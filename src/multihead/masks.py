@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .validation import layout_hint, shape_error
+
 __all__ = ["AttentionMask", "build_mask"]
 
 
@@ -198,6 +200,7 @@ def build_mask(
     device: torch.device,
     window: tuple[int | None, int | None] | None = None,
     offset: int = 0,
+    batch_first: bool | None = None,
 ) -> AttentionMask:
     """Validate the user's masks and return the structured form.
 
@@ -205,7 +208,14 @@ def build_mask(
         or float (added to the scores).
     key_padding_mask: (B, S) batched / (S,) unbatched; bool (True = padding) or float.
     is_causal: a hint; with no attn_mask it means causal attention; with one, the mask wins.
+    batch_first: the layout the inputs came in (only for error messages: a mask shaped for the other
+        layout gets "did you mean batch_first=...?").
     """
+    # the shapes the masks would have if the inputs meant the other layout (self-attention shapes
+    # only: L == S); B <-> L swap, so a seq-first caller's masks match these
+    other = batched and batch_first is not None and q_len == k_len
+    hint = layout_hint(batch_first) if other else ""
+    kind = "batched (3-D)" if batched else "unbatched (2-D)"
     causal = False
     dense = None
     if attn_mask is not None:
@@ -217,7 +227,7 @@ def build_mask(
             if attn_mask.shape != (q_len, k_len):
                 raise ValueError(
                     f"attn_mask of 2 dimensions must have shape (L, S) = ({q_len}, {k_len}), "
-                    f"got {tuple(attn_mask.shape)}"
+                    f"got {tuple(attn_mask.shape)}" + (hint if attn_mask.shape == (batch, batch) else "")
                 )
             if _is_causal_pattern(attn_mask):
                 causal = True
@@ -225,15 +235,22 @@ def build_mask(
                 dense = attn_mask[None, None]  # (1, 1, L, S)
         elif attn_mask.dim() == 3:
             if attn_mask.shape != (lead, q_len, k_len):
-                raise ValueError(
+                ours = (
                     f"attn_mask of 3 dimensions must have shape ({lead_name}, L, S) = "
                     f"({lead}, {q_len}, {k_len}), got {tuple(attn_mask.shape)}"
                 )
+                if not batched:  # torch asserts here (batched: torch's RuntimeError; ours a ValueError)
+                    raise shape_error(
+                        ours, f"Expected `attn_mask` shape to be {(lead, q_len, k_len)} but got {attn_mask.shape}"
+                    )
+                raise ValueError(ours + (hint if attn_mask.shape == (q_len * heads, batch, batch) else ""))
             dense = attn_mask.view(batch, heads, q_len, k_len)
         else:
-            raise ValueError(
+            raise shape_error(
                 f"attn_mask must have 2 dimensions (L, S) or 3 dimensions ({lead_name}, L, S), "
-                f"got {attn_mask.dim()} dimensions with shape {tuple(attn_mask.shape)}"
+                f"got {attn_mask.dim()} dimensions with shape {tuple(attn_mask.shape)}",
+                f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                f"{attn_mask.dim()}-D tensor instead",
             )
     elif is_causal:
         causal = True
@@ -245,9 +262,14 @@ def build_mask(
         expected = (batch, k_len) if batched else (k_len,)
         if tuple(key_padding_mask.shape) != expected:
             want = "(B, S)" if batched else "(S,)"
-            raise ValueError(
-                f"key_padding_mask must have shape {want} = {expected}, got {tuple(key_padding_mask.shape)}"
-            )
+            ours = f"key_padding_mask must have shape {want} = {expected}, got {tuple(key_padding_mask.shape)}"
+            if key_padding_mask.dim() != len(expected):  # torch asserts on the number of dimensions
+                raise shape_error(
+                    ours,
+                    f"For {kind} `query`, expected `key_padding_mask` to be `None` or {len(expected)}-D but found "
+                    f"{key_padding_mask.dim()}-D tensor instead",
+                )
+            raise ValueError(ours + (hint if tuple(key_padding_mask.shape) == (q_len, batch) else ""))
         key_padding = key_padding_mask.view(batch, k_len)
 
     return AttentionMask(

@@ -3,6 +3,11 @@
 Parameters, names, shapes, registration order and initialisation are torch's, so state_dicts (and
 optimizer states, which index parameters by position) move both ways. The one documented default
 that differs is `batch_first=True`, as the reference page documents.
+
+The class subclasses `torch.nn.MultiheadAttention`, so code that dispatches on `isinstance` calls it,
+but none of torch's implementation runs in place of ours (see the class body: each method torch's
+class defines is ours or torch's on purpose). `type(m) is torch.nn.MultiheadAttention` is the one
+check that tells torch's module and ours apart.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from . import attend
 from .functional import Projections, multi_head_attention
 from .validation import check_module_args, check_window
 
@@ -23,8 +30,32 @@ if TYPE_CHECKING:
 __all__ = ["MultiheadAttention"]
 
 
-class MultiheadAttention(nn.Module):
+def _our_forward_runs(module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook every module of ours carries in eval mode (it does nothing).
+
+    torch's `nn.TransformerEncoderLayer` runs its own fused kernel (`torch._transformer_encoder_layer_fwd`)
+    on `self_attn`'s weights in eval unless, among other things, a forward hook is attached to one of
+    its modules (torch/nn/modules/transformer.py: "forward pre-/hooks are attached to the module").
+    That is the one condition that says truthfully what we need: this module's forward must run. Every
+    other condition torch reads (`_qkv_same_embed_dim`, `in_proj_bias`, `batch_first`, ...) describes
+    the weights and stays true to them. Train mode never takes the fused path, so the hook is attached
+    only in eval (`train(False)`), and train-mode calls pay nothing for it.
+    """
+    return None
+
+
+class MultiheadAttention(nn.MultiheadAttention):
     """Multi-head attention with the interface and numbers of `torch.nn.MultiheadAttention`.
+
+    A subclass of `torch.nn.MultiheadAttention` (torch's `__init__` never runs), so `isinstance`
+    holds, with grouped-query heads, rotary or a window too: code that checks `isinstance` and then
+    calls the module gets our forward, with every feature. Code that instead reads the weights by
+    name and runs attention itself would run torch's attention on them: with grouped-query heads
+    `_qkv_same_embed_dim` is False and `k_proj_weight`/`v_proj_weight` are (Hkv*D, kdim)/(Hkv*D, vdim),
+    so torch's functional form refuses them loudly; rotary and window leave no trace in the weights,
+    so check `m.rotary`/`m.window` (or `type(m) is torch.nn.MultiheadAttention`, the one check that
+    tells the two classes apart) before reading weights. Inside torch's encoder layer our forward
+    runs in eval too (see `_our_forward_runs`).
 
     Args:
         embed_dim: E, model width; must be divisible by `num_heads`.
@@ -74,7 +105,9 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"rotary.head_dim must equal embed_dim // num_heads = {embed_dim // num_heads}, got {rotary.head_dim}"
             )
-        super().__init__()
+        # torch's __init__ would register torch's parameters and initialise them; ours does both,
+        # in torch's order, for every layout (grouped-query heads included)
+        nn.Module.__init__(self)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -85,14 +118,13 @@ class MultiheadAttention(nn.Module):
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
-        self.backend: str | None = None  # force a backend by name (debugging, benchmarks)
+        self.backend = None  # force a backend by name (debugging, benchmarks); validated on assignment
         self.rotary = rotary
         self.window = window
         kv_dim = self.num_kv_heads * self.head_dim
         packed = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
-        # torch's layers read this flag to run their own fused kernel on our weights; that is only
-        # right when our forward is torch's: packed weights and no rotary or window
-        self._qkv_same_embed_dim = packed and rotary is None and window is None
+        # true to the weights, as in torch: packed `in_proj_weight` or separate q/k/v weights
+        self._qkv_same_embed_dim = packed
 
         # registration order is torch's: optimizer checkpoints index parameters by position
         if packed:
@@ -109,7 +141,8 @@ class MultiheadAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        # torch's class: quantize_dynamic leaves it alone (our forward reads its weight); state dict as nn.Linear
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim, **factory))
@@ -117,6 +150,14 @@ class MultiheadAttention(nn.Module):
             self.register_parameter("bias_k", None)
             self.register_parameter("bias_v", None)
         self._reset_parameters()
+
+    # ---- torch's methods: each is ours or torch's on purpose ------------------------------------
+    # __init__: ours (above); torch's never runs (nn.Module.__init__ is called directly).
+    # _reset_parameters: ours; torch's knows no grouped-query shapes. Same order, same numbers.
+    # __setstate__: ours, then torch's (which defaults `_qkv_same_embed_dim` for torch-1.1 pickles).
+    # forward: ours. torch's never runs, also not from torch's layers (see `_our_forward_runs`).
+    # merge_masks: torch's, inherited on purpose: pure mask arithmetic for torch's fused encoder
+    #     kernel, which does not run on our module; kept so code that calls it gets torch's answer.
 
     def _reset_parameters(self) -> None:
         """torch's initialisation, in torch's order (so a seed gives torch's numbers)."""
@@ -139,12 +180,39 @@ class MultiheadAttention(nn.Module):
         self._reset_parameters()
 
     def __setstate__(self, state: dict) -> None:
-        # like torch: checkpoints from torch 1.1 lack this flag
-        state.setdefault("_qkv_same_embed_dim", True)
+        # older pickles of ours lack these; torch's __setstate__ (called next) defaults the flag
         state.setdefault("num_kv_heads", state.get("num_heads"))
-        state.setdefault("backend", None)
+        state.setdefault("_backend", state.pop("backend", None))
         state.setdefault("window", None)
+        state.setdefault("rotary", None)
         super().__setstate__(state)
+        self._sync_layer_hook()
+
+    def train(self, mode: bool = True) -> MultiheadAttention:
+        super().train(mode)
+        self._sync_layer_hook()
+        return self
+
+    def _sync_layer_hook(self) -> None:
+        """Attach `_our_forward_runs` in eval mode, remove it in train mode."""
+        hooks = self._forward_pre_hooks
+        ours = [key for key, hook in hooks.items() if hook is _our_forward_runs]
+        if not self.training and not ours:
+            self.register_forward_pre_hook(_our_forward_runs)
+        elif self.training:
+            for key in ours:
+                del hooks[key]
+
+    @property
+    def backend(self) -> str | None:
+        """The backend forced by name (see `multihead.attend.BACKENDS`), or None to let dispatch choose."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None and name not in attend.BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(attend.BACKENDS)} or None, got {name!r}")
+        self._backend = name
 
     def projections(self) -> Projections:
         return Projections(
@@ -171,7 +239,7 @@ class MultiheadAttention(nn.Module):
         is_causal: bool = False,
         *,
         kv_cache: KVCache | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None]:  # ours: torch's forward never runs
         """query (B, L, E), key (B, S, kdim), value (B, S, vdim) (batch_first), or (L, B, ·), or
         unbatched (L, E)/(S, ·). key_padding_mask (B, S) bool (True = padding) or float;
         attn_mask (L, S) or (B*H, L, S), bool (True = may not attend) or float (added).
@@ -182,6 +250,19 @@ class MultiheadAttention(nn.Module):
         Returns (out like query, weights): weights (B, L, S) averaged over heads, (B, H, L, S) with
         average_attn_weights=False, None with need_weights=False; after dropout, like torch's.
         """
+        if isinstance(query, torch.fx.Proxy):  # symbolic_trace: one call_module node, like torch's leaf
+            return _fx_leaf(
+                self,
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+                kv_cache,
+            )
         return multi_head_attention(
             query,
             key,
@@ -201,14 +282,8 @@ class MultiheadAttention(nn.Module):
             rotary=self.rotary,
             window=self.window,
             kv_cache=kv_cache,
+            out_proj=self.out_proj,
         )
-
-    def merge_masks(
-        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
-    ) -> tuple[Tensor | None, int | None]:
-        """torch's helper, read by nn.TransformerEncoderLayer's fused eval path: returns the merged
-        mask and its type (0: attn_mask (L, S), 1: key_padding (B, S), 2: merged (B, H, L, L))."""
-        return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)
 
     # ---- conversion ------------------------------------------------------------------------
     @classmethod
@@ -277,6 +352,8 @@ class MultiheadAttention(nn.Module):
             parts.append("add_zero_attn=True")
         if self.window is not None:
             parts.append(f"window={self.window}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
 
 
@@ -285,4 +362,31 @@ def safe_globals() -> list[type]:
     `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
     from .rotary import RotaryEmbedding
 
-    return [MultiheadAttention, nn.Linear, RotaryEmbedding]
+    return [MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, RotaryEmbedding, _our_forward_runs]
+
+
+def _fx_leaf(
+    module: MultiheadAttention,
+    query,
+    key,
+    value,
+    key_padding_mask,
+    need_weights,
+    attn_mask,
+    average_attn_weights,
+    is_causal,
+    kv_cache,
+):
+    """Under `torch.fx.symbolic_trace` torch's module is a leaf (its `__module__` is torch.nn); ours
+    records the same single `call_module` node instead of being traced through."""
+    tracer = query.tracer
+    kwargs = dict(
+        key_padding_mask=key_padding_mask,
+        need_weights=need_weights,
+        attn_mask=attn_mask,
+        average_attn_weights=average_attn_weights,
+        is_causal=is_causal,
+    )
+    if kv_cache is not None:
+        kwargs["kv_cache"] = kv_cache
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (query, key, value), kwargs)

@@ -1,10 +1,30 @@
 """Checks on user input, run before any work. Each error names the argument, what it got and what
-was expected (ValueError for values and shapes, TypeError for types and dtypes, like torch)."""
+was expected (ValueError for values and shapes, TypeError for types and dtypes, like torch).
+
+Where `torch.nn.MultiheadAttention` raises `AssertionError` (malformed shapes), we raise
+`MultiheadAttentionShapeError`, a `ValueError` and an `AssertionError` at once, so code that catches
+either keeps working; its message is ours, then torch's own phrase in brackets.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+class MultiheadAttentionShapeError(ValueError, AssertionError):
+    """A malformed shape where torch's module raises `AssertionError`: catch it as `ValueError` (ours)
+    or `AssertionError` (torch's). The message is our explanation followed by torch's wording."""
+
+
+def shape_error(ours: str, torchs: str | None = None) -> MultiheadAttentionShapeError:
+    """`MultiheadAttentionShapeError` with our message and, when torch has one, torch's phrase."""
+    return MultiheadAttentionShapeError(ours if torchs is None else f"{ours} [torch: {torchs}]")
+
+
+def layout_hint(batch_first: bool) -> str:
+    """The hint for a shape that the other layout explains (seq-first inputs by habit)."""
+    return f"; did you mean batch_first={not batch_first}?"
 
 
 def check_module_args(
@@ -18,8 +38,8 @@ def check_module_args(
     for name, value in (("kdim", kdim), ("vdim", vdim), ("num_kv_heads", num_kv_heads)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    if embed_dim % num_heads != 0:
-        raise ValueError(
+    if embed_dim % num_heads != 0:  # torch: AssertionError("embed_dim must be divisible by num_heads")
+        raise MultiheadAttentionShapeError(
             f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads} "
             f"(embed_dim / num_heads = {embed_dim / num_heads:g}); pick num_heads among the divisors of {embed_dim}"
         )
@@ -47,15 +67,19 @@ def check_inputs(
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if query.dim() not in (2, 3):
-        raise ValueError(
+        raise shape_error(
             f"query must be 3-D {'(B, L, E)' if batch_first else '(L, B, E)'} or 2-D (L, E) unbatched, "
-            f"got {query.dim()}-D with shape {tuple(query.shape)}"
+            f"got {query.dim()}-D with shape {tuple(query.shape)}",
+            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor",
         )
     for name, t in (("key", key), ("value", value)):
         if t.dim() != query.dim():
-            raise ValueError(
+            kind = "batched (3-D)" if query.dim() == 3 else "unbatched (2-D)"
+            raise shape_error(
                 f"query, key and value must have the same number of dimensions, got query "
-                f"{tuple(query.shape)} ({query.dim()}-D) and {name} {tuple(t.shape)} ({t.dim()}-D)"
+                f"{tuple(query.shape)} ({query.dim()}-D) and {name} {tuple(t.shape)} ({t.dim()}-D)",
+                f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found {key.dim()}-D "
+                f"and {value.dim()}-D tensors respectively",
             )
     batched = query.dim() == 3
     if batched:
@@ -63,18 +87,26 @@ def check_inputs(
         layout = "(B, L, E)" if batch_first else "(L, B, E)"
         for name, t in (("key", key), ("value", value)):
             if t.shape[b] != query.shape[b]:
+                # the other layout's batch dim agrees: seq-first inputs to a batch-first module (or back)
+                hint = layout_hint(batch_first) if t.shape[1 - b] == query.shape[1 - b] else ""
                 raise ValueError(
                     f"query and {name} must have the same batch size (dim {b} of {layout} with "
-                    f"batch_first={batch_first}), got query {tuple(query.shape)} and {name} {tuple(t.shape)}"
+                    f"batch_first={batch_first}), got query {tuple(query.shape)} and {name} {tuple(t.shape)}{hint}"
                 )
     for name, t, dim in (("query", query, embed_dim), ("key", key, kdim), ("value", value, vdim)):
         if t.shape[-1] != dim:
             what = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
-            raise ValueError(f"{name}'s last dimension must be {what}={dim}, got {name} of shape {tuple(t.shape)}")
+            ours = f"{name}'s last dimension must be {what}={dim}, got {name} of shape {tuple(t.shape)}"
+            theirs = f"was expecting embedding dimension of {dim}, but got {t.shape[-1]}" if name == "query" else None
+            raise shape_error(ours, theirs)
     s = -2 if not batched or batch_first else 0
     if key.shape[s] != value.shape[s]:
-        raise ValueError(
-            f"key and value must have the same sequence length, got key {tuple(key.shape)} and value {tuple(value.shape)}"
+        theirs = f"key shape {key.shape} does not match value shape {value.shape}"
+        if kdim != embed_dim or vdim != embed_dim:
+            theirs = f"key's sequence and batch dims {key.shape[:-1]} do not match value's {value.shape[:-1]}"
+        raise shape_error(
+            f"key and value must have the same sequence length, got key {tuple(key.shape)} and value {tuple(value.shape)}",
+            theirs,
         )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.device != param.device:
