@@ -1,0 +1,336 @@
+"""multihead.distributed on real process groups: 2 and 4 gloo processes on loopback.
+
+Each world size is spawned once (module-scoped fixture); every rank runs all checks and records, per
+check, None or the failure's traceback; the tests below read those records. Oracles, per check: our
+module in one process on the full sequence (float32) and the float64 reference backend; the
+distributed result must meet the flash-attn rule against float64 (error <= 2x the single-process
+error, plus 1e-6), which also bounds its distance to the single-process result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from multihead import MultiheadAttention, RotaryEmbedding
+
+# ---- the harness --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, device: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results: dict[str, str | None] = {}
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    for name, check in CHECKS.items():
+        if world not in check.worlds or (device == "cuda" and not check.cuda):
+            continue
+        try:
+            check.fn(rank, world, torch.device(device))
+            results[name] = None
+        except Exception:  # record, then stop: peers may be inside a collective we will not join
+            results[name] = traceback.format_exc()
+            with open(path, "w") as f:
+                json.dump(results, f)
+            os._exit(0)
+    with open(path, "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path_factory, device: str = "cpu") -> list[dict]:
+    out_dir = str(tmp_path_factory.mktemp(f"world{world}{device}"))
+    # fork (Linux) spares each rank re-importing torch (seconds on a busy machine); CUDA needs spawn
+    method = "fork" if device == "cpu" and "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        _worker, args=(world, _free_port(), out_dir, device), nprocs=world, join=True, start_method=method
+    )
+    records = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            records.append(json.load(f))
+    return records
+
+
+class _Check:
+    def __init__(self, fn, worlds, cuda):
+        self.fn, self.worlds, self.cuda = fn, worlds, cuda
+
+
+CHECKS: dict[str, _Check] = {}
+
+
+def check(worlds=(2, 4), cuda=True):
+    def register(fn):
+        CHECKS[fn.__name__] = _Check(fn, worlds, cuda)
+        return fn
+
+    return register
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _spawn(4, tmp_path_factory)
+
+
+def _assert_passed(records: list[dict], name: str) -> None:
+    for rank, rec in enumerate(records):
+        if name not in rec:
+            failed = [n for n, e in rec.items() if e]
+            pytest.fail(f"rank {rank} did not run {name} (stopped after a failure in {failed})")
+        assert rec[name] is None, f"rank {rank}: {rec[name]}"
+
+
+# ---- helpers run inside the ranks ---------------------------------------------------------------
+
+
+def _err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _flash_rule(ours, single, exact, name, atol=1e-6):
+    e_ours, e_single = _err(ours, exact), _err(single, exact)
+    assert e_ours <= 2 * e_single + atol, f"{name}: distributed err {e_ours:.3g} vs single-process err {e_single:.3g}"
+
+
+def _module(dtype=torch.float32, seed=0, **config) -> MultiheadAttention:
+    torch.manual_seed(seed)
+    m = MultiheadAttention(dtype=dtype, **config)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    return m
+
+
+def _run_full(module, q, k, v, kpm, is_causal, grad_out):
+    """One process, full sequence: (out, grads of q/k/v, grads of parameters)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    module.zero_grad()
+    out, _ = module(q, k, v, key_padding_mask=kpm, need_weights=False, is_causal=is_causal)
+    out.backward(grad_out)
+    return out.detach(), [q.grad, k.grad, v.grad], [p.grad.clone() for p in module.parameters()]
+
+
+def _cp_case(
+    rank, world, device, *, L=13, S=None, E=16, H=4, kv_heads=None, causal=True, padding=None, rotary=False,
+    load_balance=True, cross=False, kdim=None, vdim=None, batch_first=True, B=2, dtype=torch.float32,
+):  # fmt: skip
+    """Ring attention on `world` ranks vs one process (same dtype) and float64, forward and backward."""
+    from multihead.distributed import context_parallel, shard_sequence, unshard_sequence
+
+    S = L if S is None else S
+    config = dict(embed_dim=E, num_heads=H, num_kv_heads=kv_heads, kdim=kdim, vdim=vdim, batch_first=batch_first)
+    if rotary:
+        config["rotary"] = RotaryEmbedding(E // H, max_seq_len=4)  # grows on demand: global positions
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    key = torch.randn(B, S, kdim or E, generator=g, dtype=torch.float64) if cross else x
+    value = torch.randn(B, S, vdim or E, generator=g, dtype=torch.float64) if cross else x
+    grad_out = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    kpm = None
+    if padding == "bool":
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        kpm[0, 0] = False
+        kpm[-1] = True  # a whole sequence padded: every row fully masked (zeros, the op's lse quirk)
+    elif padding == "float":
+        kpm = torch.randn(B, S, generator=g, dtype=torch.float64)
+        kpm[0, S // 2 :] = float("-inf")
+
+    def layout(t):  # our tensors are (B, T, ·); the module may want (T, B, ·)
+        return t if batch_first else t.transpose(0, 1)
+
+    results = {}
+    for dt in (dtype, torch.float64):
+        mod = _module(dt, **config).to(device)
+        if dt == torch.float64:
+            mod.backend = "reference"
+        kp = None if kpm is None else kpm.to(device) if kpm.dtype == torch.bool else kpm.to(device, dt)
+        args = [layout(t.to(device, dt)) for t in (x, key, value)]
+        if not cross:
+            args = [args[0]] * 3
+        results[dt] = _run_full(mod, *args, kp, causal, layout(grad_out.to(device, dt)))
+
+    mod = _module(dtype, **config).to(device)
+    cp = context_parallel(mod, load_balance=load_balance)
+    dim = 1 if batch_first else 0
+    shard = lambda t, d=dim: shard_sequence(t, dim=d, load_balance=load_balance)  # noqa: E731
+    xs = shard(layout(x.to(device, dtype))).requires_grad_()
+    ks = shard(layout(key.to(device, dtype))).requires_grad_() if cross else xs
+    vs = shard(layout(value.to(device, dtype))).requires_grad_() if cross else xs
+    kps = None
+    if kpm is not None:
+        kps = shard(kpm.to(device) if kpm.dtype == torch.bool else kpm.to(device, dtype), 1)
+    out, weights = cp(xs, ks, vs, key_padding_mask=kps, is_causal=causal)
+    assert weights is None
+    out.backward(shard(layout(grad_out.to(device, dtype))))
+    full_out = unshard_sequence(out.detach(), dim=dim, load_balance=load_balance)
+    single, exact = results[dtype], results[torch.float64]
+    assert full_out.shape == single[0].shape
+    _flash_rule(full_out, single[0], exact[0], "out")
+    grads_in = [xs.grad] if not cross else [xs.grad, ks.grad, vs.grad]
+    for i, gr in enumerate(grads_in):
+        full_grad = unshard_sequence(gr, dim=dim, load_balance=load_balance)
+        want = single[1][0] + single[1][1] + single[1][2] if not cross else single[1][i]
+        want64 = exact[1][0] + exact[1][1] + exact[1][2] if not cross else exact[1][i]
+        _flash_rule(full_grad, want, want64, f"grad input {i}")
+    for (name, p), g1, g64 in zip(mod.named_parameters(), single[2], exact[2]):
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        _flash_rule(total, g1, g64, f"grad {name}")
+
+
+# ---- context parallel checks ------------------------------------------------------------------
+
+
+@check()
+def cp_causal(rank, world, device):
+    _cp_case(rank, world, device, L=13, causal=True)
+
+
+@check()
+def cp_noncausal_padding_gqa(rank, world, device):
+    _cp_case(rank, world, device, L=13, causal=False, padding="bool", kv_heads=2)
+
+
+@check()
+def cp_causal_padding_gqa_rotary(rank, world, device):
+    _cp_case(rank, world, device, L=16, causal=True, padding="bool", kv_heads=2, rotary=True)
+
+
+@check()
+def cp_causal_no_load_balance(rank, world, device):
+    _cp_case(rank, world, device, L=11, causal=True, load_balance=False, rotary=True)
+
+
+@check()
+def cp_cross_float_padding(rank, world, device):
+    _cp_case(rank, world, device, L=9, S=14, causal=False, cross=True, kdim=12, vdim=20, padding="float")
+
+
+@check()
+def cp_cross_causal(rank, world, device):
+    _cp_case(rank, world, device, L=10, S=7, causal=True, cross=True, kv_heads=1)
+
+
+@check()
+def cp_short_sequence_empty_chunks(rank, world, device):
+    _cp_case(rank, world, device, L=3, causal=True, padding="bool")
+
+
+@check()
+def cp_sequence_first(rank, world, device):
+    _cp_case(rank, world, device, L=12, causal=True, batch_first=False, kv_heads=2)
+
+
+@check()
+def cp_bfloat16(rank, world, device):
+    _cp_case(rank, world, device, L=16, causal=True, padding="bool", dtype=torch.bfloat16)
+
+
+@check(cuda=False)
+def cp_math_kernel(rank, world, device):
+    """The plain-math block kernel (what non-CPU devices run), on CPU."""
+    import multihead.distributed as md
+
+    md._force_math = True
+    try:
+        _cp_case(rank, world, device, L=13, causal=True, padding="bool", kv_heads=2, rotary=True)
+        _cp_case(rank, world, device, L=9, S=14, causal=False, cross=True, padding="float")
+    finally:
+        md._force_math = False
+
+
+@check()
+def shard_unshard_round_trip(rank, world, device):
+    from multihead.distributed import shard_sequence, unshard_sequence
+
+    for length in (0, 1, 5, 2 * world, 17):
+        for lb in (True, False):
+            for dim in (0, 1, -1):
+                shape = [3, 4, 2]
+                shape[dim] = length
+                x = torch.arange(torch.Size(shape).numel(), dtype=torch.float32, device=device).view(shape)
+                y = shard_sequence(x, dim=dim, load_balance=lb)
+                assert y._base is None
+                back = unshard_sequence(y, dim=dim, load_balance=lb)
+                assert torch.equal(back, x), (length, lb, dim)
+
+
+@check(cuda=False)
+def cp_errors(rank, world, device):
+    from multihead.distributed import context_parallel, shard_sequence
+
+    mod = _module(embed_dim=8, num_heads=2)
+    cp = context_parallel(mod)
+    x = shard_sequence(torch.randn(1, 8, 8))
+    for kwargs, words in (
+        ({"need_weights": True}, "need_weights"),
+        ({"attn_mask": torch.zeros(8, 8)}, "attn_mask"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            cp(x, x, x, **kwargs)
+    mod.dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        cp(x, x, x)
+    mod.dropout = 0.0
+    with pytest.raises(ValueError, match="not a sharding"):  # every rank passes the same, wrong, length
+        n = 3 if rank == 0 else 1
+        cp(x[:, :n], x[:, :n], x[:, :n])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        cp(x, x, x, key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="from_torch"):
+        context_parallel(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        context_parallel(MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+# ---- the tests --------------------------------------------------------------------------------
+
+NAMES = list(CHECKS)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if 2 in CHECKS[n].worlds])
+def test_world2(world2, name):
+    _assert_passed(world2, name)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if 4 in CHECKS[n].worlds])
+def test_world4(world4, name):
+    _assert_passed(world4, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (gloo with CUDA tensors)")
+def test_cuda_gloo(tmp_path_factory):
+    """On one GPU: two ranks, gloo with CUDA tensors (NCCL refuses two ranks on one device)."""
+    records = _spawn(2, tmp_path_factory, device="cuda")
+    for name in NAMES:
+        if CHECKS[name].cuda and 2 in CHECKS[name].worlds:
+            _assert_passed(records, name)
