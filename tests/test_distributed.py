@@ -49,6 +49,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, device: str) -> None
         try:
             check.fn(rank, world, torch.device(device))
             results[name] = None
+        except _Missing as missing:  # raised before any collective, on every rank alike
+            results[name] = f"MISSING: {missing}"
         except Exception:  # record, then stop: peers may be inside a collective we will not join
             results[name] = traceback.format_exc()
             with open(path, "w") as f:
@@ -105,6 +107,8 @@ def _assert_passed(records: list[dict], name: str) -> None:
         if name not in rec:
             failed = [n for n, e in rec.items() if e]
             pytest.fail(f"rank {rank} did not run {name} (stopped after a failure in {failed})")
+        if rec[name] is not None and rec[name].startswith("MISSING: "):
+            pytest.xfail(rec[name])  # the module lacks what this test needs (see the message)
         assert rec[name] is None, f"rank {rank}: {rec[name]}"
 
 
@@ -310,6 +314,142 @@ def cp_errors(rank, world, device):
         context_parallel(nn.MultiheadAttention(8, 2))
     with pytest.raises(ValueError, match="add_bias_kv"):
         context_parallel(MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+# ---- FSDP2, DDP, activation checkpointing: training on 2 ranks equals one process -------------
+
+
+class _Missing(Exception):
+    """A module capability this branch lacks (the test is reported as an expected failure)."""
+
+
+def _out_proj_hooks_fire() -> bool:
+    m = MultiheadAttention(8, 2)
+    fired = []
+    m.out_proj.register_forward_hook(lambda *a: fired.append(1))
+    m(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8), need_weights=False)
+    return bool(fired)
+
+
+def _output_is_view() -> bool:
+    m = MultiheadAttention(8, 2)
+    x = torch.randn(1, 3, 8)
+    return m(x, x, x, need_weights=False)[0]._base is not None
+
+
+class _Block(nn.Module):
+    def __init__(self, E, H, inplace=False, checkpoint=False):
+        super().__init__()
+        self.attn = MultiheadAttention(E, H, num_kv_heads=H // 2)
+        self.ff = nn.Linear(E, E)
+        self.inplace, self.checkpoint = inplace, checkpoint
+
+    def _body(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False, is_causal=True)
+        if self.inplace:
+            y += x  # in place on our returned output
+        else:
+            y = y + x
+        return y + self.ff(torch.tanh(y))
+
+    def forward(self, x):
+        if self.checkpoint:
+            return torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=False)
+        return self._body(x)
+
+
+def _net(**block):
+    torch.manual_seed(0)
+    return nn.Sequential(_Block(16, 4, **block), _Block(16, 4, **block), nn.Linear(16, 1))
+
+
+def _train(net, x, steps=3):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (net(x) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def _data_parallel_case(rank, world, device, wrap, **block):
+    """3 SGD steps on a 2-block model, each rank on its half of the batch, vs one process on all of it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * world, 6, 16, generator=g).to(device)
+    ref = _net(**block).to(device)
+    ref_losses = _train(ref, x)
+    net = wrap(_net(**block).to(device))
+    mine = x[2 * rank : 2 * rank + 2]
+    losses = _train(net, mine)
+    for step, (loss, want) in enumerate(zip(losses, ref_losses)):
+        total = loss.clone()
+        dist.all_reduce(total)
+        # same math, other summation order: float32 round-off (~1e-7 relative) over 3 steps
+        torch.testing.assert_close(total / world, want, rtol=1e-5, atol=1e-6, msg=f"loss at step {step}")
+    for (name, p), want in zip(net.named_parameters(), ref.parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        torch.testing.assert_close(full.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=f"parameter {name}")
+
+
+def _fsdp(targets):
+    from torch.distributed.fsdp import fully_shard
+
+    def wrap(net):
+        for t in targets(net):
+            fully_shard(t)
+        fully_shard(net)
+        return net
+
+    return wrap
+
+
+_blocks = lambda net: [net[0], net[1]]  # noqa: E731
+
+
+@check(worlds=(2,))
+def fsdp2_per_block(rank, world, device):
+    _data_parallel_case(rank, world, device, _fsdp(_blocks))
+
+
+@check(worlds=(2,))
+def fsdp2_on_attention(rank, world, device):
+    _data_parallel_case(rank, world, device, _fsdp(lambda net: [net[0].attn, net[1].attn]))
+
+
+@check(worlds=(2,))
+def fsdp2_on_out_proj(rank, world, device):
+    if not _out_proj_hooks_fire():
+        raise _Missing("the module calls F.linear on out_proj.weight, so out_proj's FSDP hooks never fire")
+    _data_parallel_case(rank, world, device, _fsdp(lambda net: [net[0].attn.out_proj, net[1].attn.out_proj]))
+
+
+@check(worlds=(2,))
+def fsdp2_inplace_on_output(rank, world, device):
+    if _output_is_view():
+        raise _Missing("the returned output is a view; an in-place op on it breaks FSDP2's backward")
+    _data_parallel_case(rank, world, device, _fsdp(_blocks), inplace=True)
+
+
+@check(worlds=(2,))
+def fsdp2_checkpoint(rank, world, device):
+    _data_parallel_case(rank, world, device, _fsdp(_blocks), checkpoint=True)
+
+
+@check(worlds=(2,))
+def ddp(rank, world, device):
+    from torch.nn.parallel import DistributedDataParallel
+
+    _data_parallel_case(rank, world, device, DistributedDataParallel)
+
+
+@check(worlds=(2,))
+def ddp_checkpoint_inplace(rank, world, device):
+    from torch.nn.parallel import DistributedDataParallel
+
+    _data_parallel_case(rank, world, device, DistributedDataParallel, checkpoint=True, inplace=True)
 
 
 # ---- the tests --------------------------------------------------------------------------------
