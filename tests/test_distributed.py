@@ -452,6 +452,99 @@ def ddp_checkpoint_inplace(rank, world, device):
     _data_parallel_case(rank, world, device, DistributedDataParallel, checkpoint=True, inplace=True)
 
 
+# ---- tensor parallel ------------------------------------------------------------------------
+
+
+def _tp_case(rank, world, device, *, H=4, kv_heads=None, causal=False, padding=False, weights=None, cross=False,
+             kdim=None, vdim=None, rotary=False, batch_first=True, head_mask=False, zero_attn=False):  # fmt: skip
+    """Heads split over `world` ranks vs one process and float64: out, weights, input gradients;
+    state_dict in torch's layout; two SGD steps equal one process's."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from multihead.distributed import tensor_parallel
+
+    E, L, S, B = 4 * H, 7, 9 if cross else 7, 2
+    config = dict(embed_dim=E, num_heads=H, num_kv_heads=kv_heads, kdim=kdim, vdim=vdim, batch_first=batch_first)
+    config["add_zero_attn"] = zero_attn
+    if rotary:
+        config["rotary"] = RotaryEmbedding(4)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    key = torch.randn(B, S, kdim or E, generator=g, dtype=torch.float64) if cross else x
+    value = torch.randn(B, S, vdim or E, generator=g, dtype=torch.float64) if cross else x
+    grad_out = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    kpm = (torch.rand(B, S, generator=g) < 0.3).to(device) if padding else None
+    mask3 = (torch.rand(B * H, L, S, generator=g) < 0.3).to(device) if head_mask else None
+    need = weights is not None
+    layout = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
+    mesh = init_device_mesh(device.type, (world,))
+
+    def run(mod, dt):
+        q = layout(x.to(device, dt)).requires_grad_()
+        k = layout(key.to(device, dt)).requires_grad_() if cross else q
+        v = layout(value.to(device, dt)).requires_grad_() if cross else q
+        out, w = mod(q, k, v, key_padding_mask=kpm, need_weights=need, attn_mask=mask3,
+                     average_attn_weights=weights == "mean", is_causal=causal)  # fmt: skip
+        loss = (out * layout(grad_out.to(device, dt))).sum() + (w.sum() if need else 0)
+        loss.backward()
+        return [out.detach(), *(w.detach() for w in [w] if need), *(t.grad for t in ({q: 0, k: 0, v: 0}))]
+
+    single = _module(torch.float32, **config).to(device)
+    exact = _module(torch.float64, **config).to(device)
+    exact.backend = "reference"
+    tp = tensor_parallel(_module(torch.float32, **config).to(device), mesh)
+    for a, b, c, name in zip(run(tp, torch.float32), run(single, torch.float32), run(exact, torch.float64),
+                             ["out", "weights", "grads"] if need else ["out", "grads"]):  # fmt: skip
+        _flash_rule(a, b, c, name)
+
+    # state_dict: torch's layout, full tensors; load takes full tensors
+    want = _module(torch.float32, **config).state_dict()
+    got = tp.state_dict()
+    assert list(got) == list(want), (list(got), list(want))
+    for n in want:
+        assert torch.equal(got[n].cpu(), want[n]), n
+    other = _module(torch.float32, seed=5, **config).to(device)
+    tp.load_state_dict(other.state_dict())
+    torch.testing.assert_close(run(tp, torch.float32)[0], run(other, torch.float32)[0], rtol=1e-5, atol=1e-6)
+    for n, t in tp.state_dict().items():
+        assert torch.equal(t, other.state_dict()[n]), n
+
+    # training: two SGD steps on the same (replicated) batch
+    for mod in (tp, other):
+        opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            run(mod, torch.float32)
+            opt.step()
+    for n, t in tp.state_dict().items():
+        torch.testing.assert_close(t, other.state_dict()[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@check()
+def tp_causal_padding_mean_weights(rank, world, device):
+    _tp_case(rank, world, device, causal=True, padding=True, weights="mean")
+
+
+@check()
+def tp_gqa(rank, world, device):  # world 2: kv heads split; world 4: kv heads shared by two ranks each
+    _tp_case(rank, world, device, kv_heads=2, causal=True, rotary=True)
+
+
+@check(worlds=(2,))
+def tp_gqa_uneven(rank, world, device):  # 6 heads, 3 kv heads, 2 ranks: kv head 1 read by both
+    _tp_case(rank, world, device, H=6, kv_heads=3, padding=True, weights="heads")
+
+
+@check()
+def tp_cross_head_mask_heads_weights(rank, world, device):
+    _tp_case(rank, world, device, cross=True, kdim=6, vdim=10, head_mask=True, weights="heads", batch_first=False)
+
+
+@check(worlds=(2,))
+def tp_zero_attn(rank, world, device):
+    _tp_case(rank, world, device, zero_attn=True, weights="mean", kv_heads=1)
+
+
 # ---- the tests --------------------------------------------------------------------------------
 
 NAMES = list(CHECKS)

@@ -38,7 +38,14 @@ from .functional import _project
 from .module import MultiheadAttention
 from .validation import check_inputs
 
-__all__ = ["ContextParallel", "context_parallel", "shard_sequence", "tensor_parallel", "unshard_sequence"]
+__all__ = [
+    "ContextParallel",
+    "TensorParallel",
+    "context_parallel",
+    "shard_sequence",
+    "tensor_parallel",
+    "unshard_sequence",
+]
 
 # Seconds spent launching and waiting for ring transfers in this process (read by the benchmark).
 comm_seconds = [0.0]
@@ -533,3 +540,303 @@ def context_parallel(
     the same `load_balance`), returning its shard of the output: exact ring attention over the
     whole sequence, with `module`'s weights (shared, so optimisers, DDP and FSDP see one set)."""
     return ContextParallel(module, group, load_balance=load_balance)
+
+
+# ---- tensor parallel: heads across a mesh ------------------------------------------------------
+class _CopyToRanks(torch.autograd.Function):
+    """Forward: identity on a replicated tensor. Backward: the sum of every rank's gradient (each
+    rank's heads contribute a part)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromRanks(torch.autograd.Function):
+    """Forward: the sum of every rank's partial result (replicated after). Backward: identity (every
+    rank holds the same, replicated, gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)  # the all-reduce writes in place
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _GatherHeads(torch.autograd.Function):
+    """(B, H_local, L, S) per rank -> (B, H, L, S) on every rank; backward keeps this rank's heads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, world: int, rank: int) -> Tensor:
+        ctx.rank, ctx.heads = rank, x.shape[1]
+        every = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(every, x.contiguous(), group=group)
+        return torch.cat(every, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad[:, ctx.rank * ctx.heads : (ctx.rank + 1) * ctx.heads], None, None, None
+
+
+class TensorParallel(nn.Module):
+    """A `MultiheadAttention` with its heads split across the ranks of a 1-D device mesh.
+
+    Rank r holds query heads [r H/W, (r+1) H/W) (rows of q's weight and bias), the key/value heads they
+    read (rows of k/v; split when W divides Hkv, else kept whole on every rank with gradients summed
+    over ranks), and the matching columns of `out_proj.weight` (its bias whole). Activations in and
+    out are full (replicated): each rank attends with its heads, and one all-reduce sums the partial
+    output projections. `state_dict()` is in torch's layout with full tensors (gathered);
+    `load_state_dict()` takes full tensors and keeps this rank's shard. Dropout (training mode) draws
+    each rank's masks from that rank's RNG for its own heads: the same distribution as one process,
+    not the same numbers.
+    """
+
+    def __init__(self, module: MultiheadAttention, device_mesh=None):
+        super().__init__()
+        if not isinstance(module, MultiheadAttention):
+            raise TypeError(
+                f"tensor_parallel expects a multihead.MultiheadAttention, got {type(module).__name__}; "
+                "convert torch's module with MultiheadAttention.from_torch(m)"
+            )
+        if module.bias_k is not None:
+            raise ValueError("tensor_parallel does not support add_bias_kv; build the module without it")
+        group = _mesh_group(device_mesh)
+        world, rank = _world(group)
+        heads, kv_heads, dim = module.num_heads, module.num_kv_heads, module.head_dim
+        if heads % world:
+            raise ValueError(
+                f"tensor_parallel splits heads evenly: num_heads = {heads} must be divisible by the mesh size {world}"
+            )
+        self.group, self.world, self.rank = group, world, rank
+        self.embed_dim, self.kdim, self.vdim = module.embed_dim, module.kdim, module.vdim
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, dim
+        self.local_heads = heads // world
+        self.packed = module.in_proj_weight is not None
+        self.batch_first, self.add_zero_attn = module.batch_first, module.add_zero_attn
+        self.dropout, self.backend, self.window = module.dropout, module.backend, module.window
+        self.rotary = module.rotary
+        q0, q1 = rank * self.local_heads, (rank + 1) * self.local_heads
+        group_size = heads // kv_heads
+        self.kv_split = kv_heads % world == 0
+        self.kv_range = (q0 // group_size, (q1 - 1) // group_size + 1)  # kv heads this rank reads
+        # local kv head for each local query head
+        self.kv_index = [(q0 + i) // group_size - self.kv_range[0] for i in range(self.local_heads)]
+
+        w = module.projections()
+        kv_dim = kv_heads * dim
+        w_q, w_k, w_v = w.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim]) if self.packed else w[1:4]
+        b = (None,) * 3 if w.in_proj_bias is None else w.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim])
+        with torch.no_grad():
+            self.q_weight = nn.Parameter(self._rows_q(w_q).clone())  # (H_l*D, E)
+            self.k_weight = nn.Parameter(self._rows_kv(w_k).clone())  # (Hkv_l*D, kdim) | (Hkv*D, kdim)
+            self.v_weight = nn.Parameter(self._rows_kv(w_v).clone())
+            self.has_bias = b[0] is not None
+            self.q_bias = nn.Parameter(self._rows_q(b[0]).clone()) if self.has_bias else None
+            self.k_bias = nn.Parameter(self._rows_kv(b[1]).clone()) if self.has_bias else None
+            self.v_bias = nn.Parameter(self._rows_kv(b[2]).clone()) if self.has_bias else None
+            self.out_weight = nn.Parameter(w.out_proj_weight[:, q0 * dim : q1 * dim].clone())  # (E, H_l*D)
+            self.out_bias = nn.Parameter(w.out_proj_bias.clone()) if w.out_proj_bias is not None else None
+
+    # ---- shards of full tensors ----
+    def _rows_q(self, t: Tensor) -> Tensor:
+        n = self.local_heads * self.head_dim
+        return t[self.rank * n : (self.rank + 1) * n]
+
+    def _rows_kv(self, t: Tensor) -> Tensor:
+        if not self.kv_split:  # kept whole: several ranks read the same kv heads
+            return t
+        n = self.num_kv_heads // self.world * self.head_dim
+        return t[self.rank * n : (self.rank + 1) * n]
+
+    def _gather(self, t: Tensor, dim: int = 0) -> Tensor:
+        every = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(every, t.detach().contiguous(), group=self.group)
+        return torch.cat(every, dim=dim)
+
+    def _full(self) -> dict[str, Tensor]:
+        """Every parameter as one full tensor in torch's layout (collective: all ranks call it)."""
+        q = self._gather(self.q_weight)
+        k = self._gather(self.k_weight) if self.kv_split else self.k_weight.detach()
+        v = self._gather(self.v_weight) if self.kv_split else self.v_weight.detach()
+        full = {"in_proj_weight": torch.cat([q, k, v])} if self.packed else {}
+        if not self.packed:
+            full.update(q_proj_weight=q, k_proj_weight=k, v_proj_weight=v)
+        if self.has_bias:
+            kb = self._gather(self.k_bias) if self.kv_split else self.k_bias.detach()
+            vb = self._gather(self.v_bias) if self.kv_split else self.v_bias.detach()
+            full["in_proj_bias"] = torch.cat([self._gather(self.q_bias), kb, vb])
+        full["out_proj.weight"] = self._gather(self.out_weight, dim=1)
+        if self.out_bias is not None:
+            full["out_proj.bias"] = self.out_bias.detach()
+        return full
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self._full().items():
+            destination[prefix + name] = t.clone()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        names = list(self._full_names())
+        for name in names:
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+        if any(prefix + n not in state_dict for n in names):
+            return
+        get = lambda n: state_dict[prefix + n]  # noqa: E731
+        kv_dim = self.num_kv_heads * self.head_dim
+        if self.packed:
+            w_q, w_k, w_v = get("in_proj_weight").split([self.embed_dim, kv_dim, kv_dim])
+        else:
+            w_q, w_k, w_v = get("q_proj_weight"), get("k_proj_weight"), get("v_proj_weight")
+        pieces = [
+            (self.q_weight, self._rows_q(w_q)),
+            (self.k_weight, self._rows_kv(w_k)),
+            (self.v_weight, self._rows_kv(w_v)),
+        ]
+        if self.has_bias:
+            b_q, b_k, b_v = get("in_proj_bias").split([self.embed_dim, kv_dim, kv_dim])
+            pieces += [
+                (self.q_bias, self._rows_q(b_q)),
+                (self.k_bias, self._rows_kv(b_k)),
+                (self.v_bias, self._rows_kv(b_v)),
+            ]
+        q0 = self.rank * self.local_heads * self.head_dim
+        pieces.append((self.out_weight, get("out_proj.weight")[:, q0 : q0 + self.local_heads * self.head_dim]))
+        if self.out_bias is not None:
+            pieces.append((self.out_bias, get("out_proj.bias")))
+        for param, value in pieces:
+            if param.shape != value.shape:
+                error_msgs.append(
+                    f"tensor_parallel: shard of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
+                )
+                return
+        with torch.no_grad():
+            for param, value in pieces:
+                param.copy_(value)
+        own = set(names)
+        for k in state_dict:
+            rest = k[len(prefix) :]
+            if k.startswith(prefix) and rest not in own and rest.split(".")[0] not in self._modules:
+                unexpected_keys.append(k)
+
+    def _full_names(self):
+        yield from ("in_proj_weight",) if self.packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        if self.has_bias:
+            yield "in_proj_bias"
+        yield "out_proj.weight"
+        if self.out_bias is not None:
+            yield "out_proj.bias"
+
+    # ---- forward ----
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """As `MultiheadAttention.forward`, on full (replicated) inputs; returns full outputs and,
+        with need_weights, full weights (averaged over all heads, or every head)."""
+        from . import attend as backends
+        from .masks import build_mask
+
+        batched = check_inputs(
+            query, key, value, embed_dim=self.embed_dim, kdim=self.kdim, vdim=self.vdim,
+            batch_first=self.batch_first, param=self.q_weight,
+        )  # fmt: skip
+        shared = "qkv" if query is key and key is value else "kv" if key is value else None
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        batch, q_len, _ = query.shape
+        k_len = key.shape[1]
+        heads, dim = self.local_heads, self.head_dim
+        if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] == batch * self.num_heads:
+            h0 = self.rank * heads  # this rank's heads of a per-head mask
+            attn_mask = attn_mask.view(batch, self.num_heads, q_len, k_len)[:, h0 : h0 + heads].reshape(
+                -1, q_len, k_len
+            )
+        mask = build_mask(
+            attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, batch=batch, heads=heads,
+            q_len=q_len, k_len=k_len, batched=True, device=query.device, window=self.window,
+        )  # fmt: skip
+
+        # replicated inputs: each rank's heads add a part of their gradient
+        query = _CopyToRanks.apply(query, self.group)
+        key = query if shared == "qkv" else _CopyToRanks.apply(key, self.group)
+        value = key if shared is not None else _CopyToRanks.apply(value, self.group)
+        w_k, w_v, b_k, b_v = self.k_weight, self.v_weight, self.k_bias, self.v_bias
+        if not self.kv_split:  # whole on every rank: take the heads we read, sum gradients over ranks
+            rows = slice(self.kv_range[0] * dim, self.kv_range[1] * dim)
+            w_k, w_v = (_CopyToRanks.apply(t, self.group)[rows] for t in (w_k, w_v))
+            if self.has_bias:
+                b_k, b_v = (_CopyToRanks.apply(t, self.group)[rows] for t in (b_k, b_v))
+        q = torch.nn.functional.linear(query, self.q_weight, self.q_bias)  # (B, L, H_l*D)
+        k = torch.nn.functional.linear(key, w_k, b_k)  # (B, S, Hkv_l*D)
+        v = torch.nn.functional.linear(value, w_v, b_v)
+        q = q.unflatten(-1, (heads, dim)).transpose(1, 2)  # (B, H_l, L, D)
+        k = k.unflatten(-1, (-1, dim)).transpose(1, 2)  # (B, Hkv_l, S, D)
+        v = v.unflatten(-1, (-1, dim)).transpose(1, 2)
+        kv_heads = k.shape[1]
+        uniform = heads % kv_heads == 0 and self.kv_index == [i // (heads // kv_heads) for i in range(heads)]
+        if not uniform:  # this rank's query heads straddle kv groups unevenly: one kv head per query head
+            index = torch.tensor(self.kv_index, device=k.device)
+            k, v = k[:, index], v[:, index]
+        if self.rotary is not None:
+            q = self.rotary(q, torch.arange(q_len, device=q.device), max_position=max(q_len - 1, 0))
+            k = self.rotary(k, torch.arange(k_len, device=k.device), max_position=max(k_len - 1, 0))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, k.shape[1], 1, dim)], dim=2)  # (B, Hkv_l, S+1, D)
+            v = torch.cat([v, v.new_zeros(batch, v.shape[1], 1, dim)], dim=2)
+            mask = mask.pad_keys(1)
+        chosen = backends.choose(q, k, v, mask, need_weights=need_weights, backend=self.backend)
+        out, attn = chosen.attend(
+            q, k, v, mask, scale=dim**-0.5, dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights, average_weights=False,
+        )  # fmt: skip  # (B, H_l, L, D), (B, H_l, L, S) | None
+        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, heads * dim)  # (L, B, H_l*D), torch's layout
+        out = _ReduceFromRanks.apply(torch.nn.functional.linear(out, self.out_weight), self.group)  # (L, B, E)
+        if self.out_bias is not None:
+            out = out + self.out_bias
+        if attn is not None:
+            if average_attn_weights:
+                attn = _ReduceFromRanks.apply(attn.sum(1), self.group) / self.num_heads  # (B, L, S)
+            else:
+                attn = _GatherHeads.apply(attn, self.group, self.world, self.rank)  # (B, H, L, S)
+        if not batched:
+            return out.squeeze(1), attn.squeeze(0) if attn is not None else None
+        if self.batch_first:
+            out = out.transpose(0, 1).clone()  # (B, L, E) with (L, B, E) strides, not a view
+        return out, attn
+
+
+def _mesh_group(device_mesh) -> dist.ProcessGroup | None:
+    if device_mesh is None or isinstance(device_mesh, dist.ProcessGroup):
+        return device_mesh
+    if getattr(device_mesh, "ndim", 1) != 1:
+        raise ValueError(f"tensor_parallel needs a 1-D device mesh, got {device_mesh.ndim} dimensions")
+    return device_mesh.get_group()
+
+
+def tensor_parallel(module: MultiheadAttention, device_mesh=None) -> TensorParallel:
+    """`module` with its heads sharded across `device_mesh` (a 1-D `DeviceMesh`; a process group or None
+    for the default group also work): full activations in and out, one all-reduce per call,
+    `state_dict()` in torch's layout. Every rank must call it with the same module weights."""
+    return TensorParallel(module, device_mesh)
