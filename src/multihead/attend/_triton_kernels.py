@@ -24,6 +24,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC. UPCAST (bfloat16 under the interpreter, whose bfloat16 dot is wrong):
+    the same products in float32, exact for bfloat16 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
 def _scores(
     q,
     k,
@@ -50,9 +59,10 @@ def _scores(
     DENSE: tl.constexpr,
     PREC: tl.constexpr,
     ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) masked scores: scale * q k^T + float mask parts, -inf where hidden."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    s = _dot(q, tl.trans(k), PREC, ACC, UPCAST) * scale
     rows = offs_m[:, None]
     cols = offs_n[None, :]
     inside = (rows < L) & (cols < S)
@@ -102,6 +112,7 @@ def _forward(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
     DROPOUT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): out (BLOCK_M, D) and lse (BLOCK_M,) of one head."""
     pid_m = tl.program_id(0)
@@ -127,7 +138,7 @@ def _forward(
         kv_ok = (offs_n[:, None] < S) & d_ok
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm, sdn,
-                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC)  # fmt: skip
+                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.exp(s - m_safe[:, None])
@@ -136,7 +147,7 @@ def _forward(
         if DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, S, p_drop), p * keep_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, ACC, UPCAST)
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: zero output, lse = +inf (so every P of the row is 0)
@@ -156,6 +167,7 @@ def _weights(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
     DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), cdiv(S, BLOCK_N), B (AVERAGE) or B * H): one (BLOCK_M, BLOCK_N) tile of the
     weights, the mean over heads of P (after dropout) or one head's P."""
@@ -189,7 +201,7 @@ def _weights(
         k_ptrs = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
         k = tl.load(k_ptrs, mask=(offs_n[:, None] < S) & d_ok, other=0.0)
         s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm, sdn,
-                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC)  # fmt: skip
+                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
         bh = b * H + h
         lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
         p = tl.exp(s - lse[:, None])
@@ -211,6 +223,7 @@ def _backward_delta_w(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
     DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): Delta += rowsum(P_dropped * dW_h), with dW_h = dW[b] / H (AVERAGE)
     or dW[b, h]. Each program owns its rows (no atomics)."""
@@ -236,7 +249,7 @@ def _backward_delta_w(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=(offs_n[:, None] < S) & d_ok, other=0.0)
         s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm, sdn,
-                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC)  # fmt: skip
+                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
         p = tl.exp(s - lse[:, None])
         if DROPOUT:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, S, p_drop), p * keep_scale, 0.0)
@@ -258,6 +271,7 @@ def _backward_dkdv(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dK, dV of one key tile, summed over the G query heads of the
     kv head and over every query tile the band lets see it."""
@@ -301,9 +315,9 @@ def _backward_dkdv(
             lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
             delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
             s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm,
-                        sdn, HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC)  # fmt: skip
+                        sdn, HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
             p = tl.exp(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)  # dL/d(P after dropout)
+            dp = _dot(do, tl.trans(v), PREC, ACC, UPCAST)  # dL/d(P after dropout)
             if HAS_DW:
                 inside = (offs_m[:, None] < L) & (offs_n[None, :] < S)
                 dw = tl.load(dw_base + offs_m[:, None] * swm + offs_n[None, :] * swn, mask=inside, other=0.0)
@@ -314,9 +328,9 @@ def _backward_dkdv(
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             else:
                 pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+            dv += _dot(tl.trans(pd.to(do.dtype)), do, PREC, ACC, UPCAST)
             ds = p * (dp - delta[:, None])  # dL/dS
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, ACC, UPCAST)
     dk = dk * scale
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd
@@ -334,6 +348,7 @@ def _backward_dq(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): dQ of one query tile of one head."""
     pid_m = tl.program_id(0)
@@ -365,9 +380,9 @@ def _backward_dq(
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
         s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm, sdn,
-                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC)  # fmt: skip
+                    HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
         p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        dp = _dot(do, tl.trans(v), PREC, ACC, UPCAST)
         if HAS_DW:
             inside = (offs_m[:, None] < L) & (offs_n[None, :] < S)
             dw = tl.load(dw_base + offs_m[:, None] * swm + offs_n[None, :] * swn, mask=inside, other=0.0)
@@ -375,7 +390,7 @@ def _backward_dq(
         if DROPOUT:
             dp = tl.where(_keep(seed, bh, offs_m, offs_n, S, p_drop), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+        dq += _dot(ds.to(k.dtype), k, PREC, ACC, UPCAST)
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok)

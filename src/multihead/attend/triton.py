@@ -211,6 +211,7 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, dic
         DROPOUT=plan.dropout_p > 0.0,
         PREC=precision,
         ACC=tl.float64 if plan.acc == torch.float64 else tl.float32,
+        UPCAST=q.dtype == torch.bfloat16 and interpreting(),
     )
     return args, constexprs
 
