@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -17,3 +18,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="device for device-aware tests (tests/test_triton.py, tests/test_cuda.py); cuda skips without a GPU",
+    )
+
+
+def pytest_configure(config):
+    """On CPU, Triton kernels run in its interpreter, which must be on before triton is imported."""
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device from `--device` (cpu by default); skips the test when cuda is asked for but absent."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: CUDA is not available")
+    return torch.device(name)

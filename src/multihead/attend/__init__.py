@@ -14,12 +14,15 @@ from types import ModuleType
 from torch import Tensor
 
 from ..masks import AttentionMask
-from . import blockwise, reference, sdpa, windowed
+from . import blockwise, reference, sdpa, triton, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, blockwise, reference)}
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, triton, blockwise, reference)}
 # first that serves wins: windowed only takes sliding windows that pay; sdpa everything without
-# weights; blockwise everything with weights; reference is the oracle
-PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "blockwise", "reference")
+# weights; triton weights on CUDA (CPU tensors only under TRITON_INTERPRET=1, for tests); blockwise
+# everything with weights; reference is the oracle
+PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "triton", "blockwise", "reference")
+# backends that dispatch offers only tensors on these devices (elsewhere they serve only when forced)
+AUTO_DEVICES: dict[str, tuple[str, ...]] = {"triton": ("cuda",)}
 
 
 def choose(
@@ -31,7 +34,7 @@ def choose(
     for name in names:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
-        why = BACKENDS[name].not_supported_reasons(q, k, v, mask, need_weights=need_weights)
+        why = _reasons(name, q, k, v, mask, need_weights=need_weights, forced=backend is not None)
         if not why:
             return BACKENDS[name]
         reasons[name] = why
@@ -41,4 +44,13 @@ def choose(
 
 def explain(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool) -> dict[str, list[str]]:
     """For each backend, why it cannot serve this request (an empty list: it can)."""
-    return {n: BACKENDS[n].not_supported_reasons(q, k, v, mask, need_weights=need_weights) for n in PRIORITY}
+    return {n: _reasons(n, q, k, v, mask, need_weights=need_weights, forced=False) for n in PRIORITY}
+
+
+def _reasons(
+    name: str, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool, forced: bool
+) -> list[str]:
+    devices = AUTO_DEVICES.get(name)
+    if not forced and devices is not None and q.device.type not in devices:
+        return [f"chosen only for {'/'.join(devices)} tensors, got {q.device.type} (force it with backend={name!r})"]
+    return BACKENDS[name].not_supported_reasons(q, k, v, mask, need_weights=need_weights)
