@@ -21,7 +21,7 @@ heads, D head dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ class TransformerEncoderLayer(_FeedForward, nn.Module):
         window: Window = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadAttention(
             d_model,
             nhead,
@@ -233,8 +233,13 @@ class TransformerDecoderLayer(_FeedForward, nn.Module):
         window: Window = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        common = {"dropout": dropout, "bias": bias, "batch_first": batch_first, "num_kv_heads": num_kv_heads}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        common: dict[str, Any] = {
+            "dropout": dropout,
+            "bias": bias,
+            "batch_first": batch_first,
+            "num_kv_heads": num_kv_heads,
+        }
         self.self_attn = MultiheadAttention(d_model, nhead, rotary=rotary, window=window, **common, **factory)
         self.multihead_attn = MultiheadAttention(d_model, nhead, **common, **factory)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)

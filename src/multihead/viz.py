@@ -134,10 +134,10 @@ def plot_attention(
     if y_labels is None and x_labels is not None and q_len == k_len:
         y_labels = x_labels
     chosen = _pick_heads(heads, num_heads)
-    suffix = None
+    file_format = None
     if path is not None:
-        suffix = Path(path).suffix.lower()
-        if suffix not in FORMATS:
+        file_format = FORMATS.get(Path(path).suffix.lower())
+        if file_format is None:
             raise ValueError(f"path must end in one of {sorted(FORMATS)}, got {str(path)!r}")
 
     if already_mean:
@@ -181,7 +181,7 @@ def plot_attention(
     if title:
         fig.suptitle(title, fontsize=11)
     if path is not None:
-        fig.savefig(path, format=FORMATS[suffix])
+        fig.savefig(path, format=file_format)
     return fig
 
 

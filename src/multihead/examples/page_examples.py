@@ -87,6 +87,7 @@ def example_4_encoder_layer(verbose: bool = True, library_layer: bool = False) -
 
     `library_layer=True` uses `multihead.layers.TransformerEncoderLayer` (the same post-norm layer as a
     class, without dropout as the page's) instead of the page's hand-written `TransformerLayer`."""
+    layer: nn.Module
     if library_layer:
         from multihead.layers import TransformerEncoderLayer
 
