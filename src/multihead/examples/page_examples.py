@@ -72,9 +72,28 @@ class TransformerLayer(nn.Module):
         return self.norm2(x + ffn_out)
 
 
-def example_4_encoder_layer(verbose: bool = True) -> dict:
-    """A full Transformer encoder layer, d_model=512, nhead=8, input (4, 100, 512)."""
-    layer = TransformerLayer(d_model=512, nhead=8)
+def page_state_dict(library_state: dict) -> dict:
+    """A `multihead.layers.TransformerEncoderLayer` state_dict renamed for the page's `TransformerLayer`
+    (its feed-forward is `ffn.0` / `ffn.2` where the library layer, like torch's, has `linear1` / `linear2`)."""
+    rename = {"linear1.": "ffn.0.", "linear2.": "ffn.2."}
+    return {
+        next((new + k[len(old) :] for old, new in rename.items() if k.startswith(old)), k): v
+        for k, v in library_state.items()
+    }
+
+
+def example_4_encoder_layer(verbose: bool = True, library_layer: bool = False) -> dict:
+    """A full Transformer encoder layer, d_model=512, nhead=8, input (4, 100, 512).
+
+    `library_layer=True` uses `multihead.layers.TransformerEncoderLayer` (the same post-norm layer as a
+    class, without dropout as the page's) instead of the page's hand-written `TransformerLayer`."""
+    layer: nn.Module
+    if library_layer:
+        from multihead.layers import TransformerEncoderLayer
+
+        layer = TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=4 * 512, dropout=0.0)
+    else:
+        layer = TransformerLayer(d_model=512, nhead=8)
     x = torch.randn(4, 100, 512)
     output = layer(x)
     if verbose:
