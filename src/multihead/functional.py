@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import attend as backends
+from . import varlen
 from .masks import AttentionMask, build_mask
 from .validation import check_cache_call, check_inputs
 
@@ -72,6 +73,13 @@ def multi_head_attention(
         default `F.linear` with `weights.out_proj_weight`/`out_proj_bias`.
     """
     num_kv_heads = num_kv_heads or num_heads
+    if varlen.is_nested(query, key, value):  # ---- nested tensors: padded, attended, nested again (varlen.py)
+        nested_args = dict(num_kv_heads=num_kv_heads, is_causal=is_causal, dropout_p=dropout_p, rotary=rotary)
+        nested_args |= dict(add_zero_attn=add_zero_attn, backend=backend, window=window)
+        return varlen.nested_attention(
+            query, key, value, weights, num_heads=num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            need_weights=need_weights, average_attn_weights=average_attn_weights, kv_cache=kv_cache, **nested_args,
+        )  # fmt: skip
     embed_dim = weights.out_proj_weight.shape[0]
     head_dim = embed_dim // num_heads
     kv_dim = num_kv_heads * head_dim
@@ -115,6 +123,13 @@ def multi_head_attention(
             batch_first=batch_first,
         )
 
+    if kv_cache is None and varlen.serves(query, mask, backend, weights.bias_k is not None, add_zero_attn):
+        # ---- a padded batch: only the valid keys are projected and attended (varlen.py)
+        return varlen.packed_attention(
+            query, key, value, weights, mask, shared=shared, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            need_weights=need_weights, average_attn_weights=average_attn_weights, dropout_p=dropout_p,
+            rotary=rotary, batched=batched, batch_first=batch_first,
+        )  # fmt: skip
     q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
     q = q.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)  # (B, H, L, D)
     k = k.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
