@@ -176,13 +176,13 @@ def multi_head_attention(
         out = out_proj(out)
     else:
         out = F.linear(out, weights.out_proj_weight, _bias_like(weights.out_proj_bias, weights.out_proj_weight))
-    # the returned output is not a view (in-place ops on it stay safe, FSDP2 included); clone keeps
-    # the (L, B, E) strides
+    # the returned output is never a view (in-place ops on it stay safe, FSDP2 included): a linear
+    # on 3-D input returns a view of its 2-D result; clone keeps the (L, B, E) strides
     if not batched:
         return out.squeeze(1).clone(), attn.squeeze(0) if attn is not None else None  # (L, E)
     if batch_first:
-        out = out.transpose(0, 1).clone()  # (B, L, E), (L, B, E) strides
-    return out, attn
+        out = out.transpose(0, 1)  # (B, L, E), (L, B, E) strides
+    return out.clone(), attn
 
 
 def _project(

@@ -184,8 +184,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         state.setdefault("num_kv_heads", state.get("num_heads"))
         state.setdefault("_backend", state.pop("backend", None))
         state.setdefault("window", None)
-        if "rotary" not in state.get("_modules", {}):  # a RotaryEmbedding is a submodule: never shadow it
-            state.setdefault("rotary", None)
         super().__setstate__(state)
         self._sync_layer_hook()
 
