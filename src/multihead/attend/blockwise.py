@@ -87,6 +87,25 @@ def attend(
     `block_rows` overrides the query rows per tile (tests; with block_rows >= L one tile takes every
     batch element); by default tiles are sized so that the tiles in flight fit in `BLOCK_BYTES`.
     """
+    plan = make_plan(q, k, mask, scale, dropout_p, need_weights, average_weights, block_rows)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _BlockwiseAttention.apply(q, k, v, plan)
+    return _forward(q, k, v, plan)
+
+
+def make_plan(
+    q: Tensor,
+    k: Tensor,
+    mask: AttentionMask,
+    scale: float,
+    dropout_p: float,
+    need_weights: bool,
+    average_weights: bool,
+    block_rows: int | None = None,
+    seed: int | None = None,
+) -> _Plan:
+    """The plan of a call (tiles, mask structure, dropout seed); `seed` None draws one from the
+    global RNG. (Also used by the custom op in `blockwise_op`, which passes its own seed.)"""
     B, H, L, _ = q.shape
     S = k.shape[2]
     if block_rows is None:
@@ -95,11 +114,9 @@ def attend(
         raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
     else:
         batches, rows = (1, block_rows) if block_rows < L else (B, max(L, 1))
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p > 0.0 else 0
-    plan = _Plan(mask, scale, float(dropout_p), need_weights, average_weights, int(rows), int(batches), seed)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _BlockwiseAttention.apply(q, k, v, plan)
-    return _forward(q, k, v, plan)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p > 0.0 else 0
+    return _Plan(mask, scale, float(dropout_p), need_weights, average_weights, int(rows), int(batches), seed)
 
 
 # ---- tile sizing -----------------------------------------------------------------------------------

@@ -40,6 +40,6 @@ def attend(
         dropout_p=dropout_p,
         is_causal=is_causal,
         scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1],
+        enable_gqa=bool(k.shape[1] != q.shape[1]),  # a Python bool, also under torch.jit.trace
     )
     return out, None

@@ -114,7 +114,11 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, 
     reasons = []
     if need_weights:
         reasons.append("does not return attention weights (need_weights=True)")
-    if mask.band_limits()[0] is None:
+    if torch.jit.is_tracing() or isinstance(mask.q_len, torch.SymInt) or isinstance(mask.k_len, torch.SymInt):
+        # the chunk plan is Python arithmetic on L and S: a tracer would bake it in, a dynamic-shape
+        # compile would guard (and recompile) on every length
+        reasons.append("its chunk plan needs concrete lengths (dynamic shapes or torch.jit.trace)")
+    elif mask.band_limits()[0] is None:
         reasons.append("no window with a finite left reach")
     elif mask.q_len < 4 * chunk_size(mask) or visited_share(mask) > MAX_SHARE:
         reasons.append("window too wide to pay")
@@ -139,7 +143,7 @@ def attend(
     assert not need_weights, "the windowed backend does not return weights"
     assert mask.band_limits()[0] is not None, "the windowed backend needs a finite left reach"
     size = chunk or chunk_size(mask)
-    sdpa = {"dropout_p": dropout_p, "scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
+    sdpa = {"dropout_p": dropout_p, "scale": scale, "enable_gqa": bool(k.shape[1] != q.shape[1])}
     masks = _ChunkMasks(mask, q.dtype, q.device)
     body, runs = _plan(mask, size)
     pieces: list[tuple[int, int, Tensor]] = []  # (q0, q1, out rows (B, H, q1 - q0, Dv))
@@ -214,8 +218,10 @@ class _ChunkMasks:
         return size + self.left + self.right
 
     def band(self, rows: int, cols: int, shift: int) -> Tensor:
-        """(rows, cols) additive band for rows whose diagonal is at column `shift` + row."""
-        return _band(rows, cols, shift, self.left, self.right, self.dtype, self.device)
+        """(rows, cols) additive band for rows whose diagonal is at column `shift` + row (cached in
+        eager mode only: a compiler builds it in the graph)."""
+        make = _make_band if torch.compiler.is_compiling() else _band
+        return make(rows, cols, shift, self.left, self.right, self.dtype, self.device)
 
     def chunk(self, q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """Rows [q0, q1), columns [k0, k1) -> (c, s) or (1|B, 1|H, c, s)."""
@@ -257,12 +263,18 @@ def _band(
     building it costs several small elementwise ops, each a thread-pool round trip, which on a busy
     machine can cost more than the attention itself. Never modified in place by its users."""
     with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable by autograd later
-        r = torch.arange(rows, device=device).unsqueeze(1) + shift  # (rows, 1) diagonal column
-        c = torch.arange(cols, device=device).unsqueeze(0)  # (1, cols)
-        hidden = c < r - left
-        if right is not None:
-            hidden |= c > r + right
-        return _additive(hidden, dtype)
+        return _make_band(rows, cols, shift, left, right, dtype, device)
+
+
+def _make_band(
+    rows: int, cols: int, shift: int, left: int, right: int | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    r = torch.arange(rows, device=device).unsqueeze(1) + shift  # (rows, 1) diagonal column
+    c = torch.arange(cols, device=device).unsqueeze(0)  # (1, cols)
+    hidden = c < r - left
+    if right is not None:
+        hidden |= c > r + right
+    return _additive(hidden, dtype)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
