@@ -471,6 +471,40 @@ def test_worker_threads_give_the_inline_result(monkeypatch, kind, B):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("B", [1, 2, 5])  # a fixed split with own dK/dV sums; whole batch elements
+def test_worker_results_do_not_depend_on_timing(monkeypatch, B):
+    """Workers claim tiles (forward) or groups (backward) as they free up; which thread runs what must
+    change no bit of the result: the same call twice gives identical outputs, weights and gradients."""
+    q, k, v = qkv(B, 4, 2, 48, 40, 8, seed=4)
+    mask = make_mask("causal_bottom_right", B, 4, 48, 40)
+    monkeypatch.setattr(blockwise, "PARALLEL_MIN_ELEMENTS", 1)
+    torch.set_num_threads(2)
+    try:
+        first = run(blockwise.attend, q, k, v, mask, block_rows=4)
+        second = run(blockwise.attend, q, k, v, mask, block_rows=4)
+    finally:
+        torch.set_num_threads(1)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_schedule_groups():
+    """Forward: one tile per group, largest first. Backward: whole batch elements when balanced, else
+    one group per worker, every tile exactly once."""
+    tiles = [
+        (i, b, b + 1, q0, q0 + 4, 0, q0 + 4) for i, (b, q0) in enumerate((b, q0) for b in range(4) for q0 in (0, 4))
+    ]
+    groups, whole = blockwise._schedule(tiles, 2)
+    assert not whole and all(len(g) == 1 for g in groups)
+    costs = [blockwise._cost(g[0]) for g in groups]
+    assert costs == sorted(costs, reverse=True)
+    groups, whole = blockwise._schedule(tiles, 2, by_batch=True)
+    assert whole and len(groups) == 4 and all(len({t[1] for t in g}) == 1 for g in groups)
+    groups, whole = blockwise._schedule(tiles[:4], 2, by_batch=True)  # 2 batch elements, 1 tile-pair each
+    assert sorted(t for g in groups for t in g) == sorted(tiles[:4])
+    assert blockwise._schedule(tiles[:3], 2) == ([tiles[:3]], True)  # fewer than 2 per worker: inline
+
+
 # ---- small pieces -------------------------------------------------------------------------------------------
 def test_not_supported_reasons():
     q, k, v = qkv(1, 2, 2, 3, 3, 4)

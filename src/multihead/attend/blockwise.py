@@ -146,7 +146,7 @@ def choose_tiles(
         rows = min(rows, max(16, math.ceil(q_len / pieces)))
     if rows < q_len:
         return 1, math.ceil(q_len / math.ceil(q_len / rows))
-    per_worker = max(1, batch // (2 * workers))  # whole sequences: still two tiles per worker
+    per_worker = batch if workers == 1 else max(1, batch // (2 * workers))  # whole sequences: two tiles per worker
     return max(1, min(batch, per_worker, budget // (row_bytes * max(q_len, 1)))), max(1, q_len)
 
 

@@ -246,28 +246,37 @@ def _status_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _measure_here(case: Case, which: str) -> dict:
-    """In this (fresh) process: one warm-up call, reset the high-water mark, measure one call."""
-    fn = build(case, which)
-    fn()
-    import gc
-
-    gc.collect()
+def _reset_hwm() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        reset = True
+        return True
     except OSError:
-        reset = False
+        return False
+
+
+def _measure_here(case: Case, which: str) -> dict:
+    """In this (fresh) process: the first call (lazy initialisation, thread pools and all), then,
+    after a reset of the high-water mark, a second call (steady state)."""
+    import gc
+
+    fn = build(case, which)
+    gc.collect()
+    reset = _reset_hwm()
     before = _status_kb("VmRSS")
     fn()
-    peak = _status_kb("VmHWM")
-    return {"peak_mb": max(0, peak - before) / 1024, "hwm_reset": reset}
+    first = _status_kb("VmHWM") - before
+    gc.collect()
+    reset = _reset_hwm() and reset
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM") - before
+    return {"peak_mb": max(0, peak) / 1024, "first_call_peak_mb": max(0, first) / 1024, "hwm_reset": reset}
 
 
-def measure_peak(name: str, which: str, threads: int, quick: bool) -> float | None:
-    """Peak memory (MB) of one call of `which` in scenario `name`, in a fresh subprocess. glibc is told
-    to serve large blocks by mmap and give them back, so the warm-up call's freed memory is not reused
-    unseen."""
+def measure_peak(name: str, which: str, threads: int, quick: bool) -> dict | None:
+    """Peak memory (MB) of `which` in scenario `name`, in a fresh subprocess: {"peak_mb": steady state
+    (the second call), "first_call_peak_mb": the first call}. glibc is told to serve large blocks by
+    mmap and give them back, so the first call's freed memory is not reused unseen."""
     if not Path("/proc/self/status").exists():
         return None
     cmd = [sys.executable, "-m", "multihead.benchmarks.bench", "--_peak", name, which, "--threads", str(threads)]
@@ -278,7 +287,7 @@ def measure_peak(name: str, which: str, threads: int, quick: bool) -> float | No
     if done.returncode != 0:
         print(f"peak memory of {name}/{which} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---- running scenarios ----------------------------------------------------------------------------------
@@ -313,9 +322,32 @@ def run_case(case: Case, *, name: str, options: Options) -> dict:
     }
     result["speedup"] = result["torch_ms"] / result["ours_ms"]
     result["ours_over_floor"] = result["ours_ms"] / result["floor_ms"]
+    result["tiles"] = tiles(case)
     if options.memory:
-        result["peak_mb"] = {w: measure_peak(name, w, options.threads, options.quick) for w in fns}
+        peaks = {w: measure_peak(name, w, options.threads, options.quick) for w in fns}
+        result["peak_mb"] = {w: p and p["peak_mb"] for w, p in peaks.items()}
+        result["first_call_peak_mb"] = {w: p and p["first_call_peak_mb"] for w, p in peaks.items()}
+        for key in ("peak_mb", "first_call_peak_mb"):
+            t, o = result[key]["torch"], result[key]["ours"]
+            result[key.replace("peak_mb", "torch_over_ours_memory")] = t / o if t and o else None
     return result
+
+
+def tiles(case: Case) -> dict:
+    """The blockwise tiles this case gets on this machine (whether or not it takes that backend)."""
+    from multihead.attend import blockwise
+
+    B, L, H = case.batch, case.length, case.heads
+    batches, rows = blockwise.choose_tiles(B, H, L, L, 4, torch.device("cpu"))
+    workers = blockwise._parallel_share(B * H * L * L, torch.device("cpu"))
+    return {
+        "batches": batches,
+        "rows": rows,
+        "count": math.ceil(B / batches) * math.ceil(L / rows),
+        "tile_mb": batches * rows * H * L * 4 / 2**20,
+        "workers": workers,
+        "budget_mb": blockwise.tile_budget_bytes(torch.device("cpu")) / 2**20,
+    }
 
 
 def run_scenario(scenario: Scenario, options: Options) -> dict:
@@ -356,14 +388,12 @@ def _progress(items, desc: str):
 
 # ---- reporting ------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine a run was measured on: CPU model, cache topology (cpu0's caches from sysfs, with
+    the CPUs sharing each), the per-tile budget the blockwise backend derives from them, threads."""
+    from multihead import hardware
+
+    hw = hardware.summary()
+    cpu = hw["cpu_model"]
     commit = None
     try:
         commit = subprocess.run(
@@ -374,6 +404,10 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "caches": hw["caches"],
+        "cache_list": hw["cache_list"],
+        "tile_budget_mb": hw["tile_budget_bytes"] / 2**20,
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -388,11 +422,7 @@ def _fmt(x, digits: int = 1) -> str:
 
 def markdown(results: dict) -> str:
     meta = results["meta"]
-    lines = [
-        f"threads {meta['threads']}, rounds {meta['rounds']}, torch {meta['machine']['torch']}, "
-        f"{meta['machine']['cpu']} ({meta['machine']['cpu_count']} CPUs){', quick sizes' if meta['quick'] else ''}",
-        "",
-    ]
+    lines = [machine_line(meta), ""]
     groups = {"forward": "Forward (train mode, dropout 0, no_grad)", "train": "Training step (forward + backward)"}
     groups["eval"] = "Eval mode (torch's fast path may apply)"
     for group, title in groups.items():
@@ -402,17 +432,22 @@ def markdown(results: dict) -> str:
         lines += [
             f"### {title}",
             "",
-            "| scenario | B | L | torch ms | ours ms | floor ms | torch/ours | ours/floor | ours spread | peak MB torch / ours / floor |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| scenario | B | L | torch ms | ours ms | floor ms | torch/ours | ours/floor | ours spread | "
+            "peak MB torch / ours / floor (steady; first call) | tiles | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
-            peak = r.get("peak_mb") or {}
-            mem = " / ".join(_fmt(peak.get(w), 0) for w in ("torch", "ours", "floor"))
+            mem = []
+            for key in ("peak_mb", "first_call_peak_mb"):
+                peak = r.get(key) or {}
+                mem.append(" / ".join(_fmt(peak.get(w), 0) for w in ("torch", "ours", "floor")))
             low, high = r["spread_ms"]["ours"]
+            t = r.get("tiles") or {}
+            tile = f"{t['count']} x {t['tile_mb']:.1f} MiB" if t else "-"
             lines.append(
                 f"| {name} | {r['case']['batch']} | {r['case']['length']} | {_fmt(r['torch_ms'])} | "
                 f"{_fmt(r['ours_ms'])} | {_fmt(r['floor_ms'])} | {r['speedup']:.2f} | {r['ours_over_floor']:.2f} | "
-                f"{(high - low) / r['ours_ms']:.0%} | {mem} |"
+                f"{(high - low) / r['ours_ms']:.0%} | {mem[0]}; {mem[1]} | {tile} | {_fmt(r.get('load_avg_1min'))} |"
             )
         lines.append("")
     others = {n: r for n, r in results["scenarios"].items() if r.get("group") not in groups}
@@ -423,6 +458,16 @@ def markdown(results: dict) -> str:
             lines.append(f"- **{name}**: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         lines.append("")
     return "\n".join(lines)
+
+
+def machine_line(meta: dict) -> str:
+    """'Machine: <CPU> (n CPUs; caches; tile budget), threads, rounds, torch': printed above every table."""
+    m = meta["machine"]
+    return (
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs; {m.get('caches', 'caches unknown')}; "
+        f"blockwise tile budget {m.get('tile_budget_mb', 0):.1f} MiB per worker); threads {meta['threads']}, "
+        f"rounds {meta['rounds']}, torch {m['torch']}{', quick sizes' if meta['quick'] else ''}"
+    )
 
 
 def compare(results: dict, previous: dict) -> str:
@@ -540,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scenarios": {},
     }
+    print(machine_line(results["meta"]), file=sys.stderr)
     started = time.perf_counter()
     for scenario in _progress(chosen, "bench"):
         try:

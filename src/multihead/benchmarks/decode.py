@@ -17,7 +17,9 @@ token for each, and torch / ours.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import time
 
@@ -163,7 +165,214 @@ def _step(attn: MultiheadAttention, cache: KVCache):
     return step
 
 
-SCENARIOS = {"decode": decode_benchmark}
+# ---- against torchtune's cache (per token, a ratio that does not move with the machine) -------------------
+def load_torchtune():
+    """torchtune's `MultiHeadAttention`, `KVCache`, `RotaryPositionalEmbeddings` (benchmark environment
+    only: `pip install torchtune==0.6.1 --no-deps`). Its package __init__ imports its datasets and
+    models (datasets, torchao, ...), which these three modules never use: when that import fails, the
+    three are loaded from the installed files under empty parent packages."""
+    try:
+        from torchtune.modules import KVCache as TTCache
+        from torchtune.modules import MultiHeadAttention as TTAttention
+        from torchtune.modules import RotaryPositionalEmbeddings as TTRope
+
+        return TTAttention, TTCache, TTRope
+    except ImportError:
+        pass
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("torchtune is not installed: pip install torchtune==0.6.1 --no-deps")
+    root = spec.submodule_search_locations[0]
+    for name in ("torchtune", "torchtune.modules", "torchtune.utils"):
+        if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
+            package = types.ModuleType(name)
+            package.__path__ = [root + name[len("torchtune") :].replace(".", "/")]
+            sys.modules[name] = package
+    attention = importlib.import_module("torchtune.modules.attention")
+    cache = importlib.import_module("torchtune.modules.kv_cache")
+    rope = importlib.import_module("torchtune.modules.position_embeddings")
+    return attention.MultiHeadAttention, cache.KVCache, rope.RotaryPositionalEmbeddings
+
+
+def torchtune_benchmark(
+    tokens: int = 1024,
+    prompt: int = 16,
+    E: int = 512,
+    H: int = 8,
+    kv_heads: int = 2,
+    *,
+    rounds: int = 5,
+    threads: int | None = None,
+    compile: bool = True,
+    profile: bool = True,
+    seed: int = 0,
+) -> dict:
+    """ms per generated token: ours (eager, and the step compiled) against torchtune 0.6.1's
+    `MultiHeadAttention` + `KVCache` (its own cache, max_seq_len = prompt + tokens, bias=False, eager),
+    one layer, B=1, RoPE, the same weights (outputs checked equal). `rounds` paired rounds, each a full
+    prefill + decode of every variant in a rotating order; medians of the per-round ratios with their
+    spread. `breakdown`: each variant's step under torch.profiler (top ops by self CPU time per step)."""
+    TTAttention, _, TTRope = load_torchtune()
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, seed)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, seed):
+    total, D = prompt + tokens, E // H
+    torch.manual_seed(seed)
+    x = torch.randn(1, total, E)  # the layer's input rows
+    # ours: interleaved RoPE pairs, torchtune's convention, so both compute the same function
+    rope = RotaryEmbedding(D, interleaved=True, max_seq_len=total)
+    ours = MultiheadAttention(E, H, dropout=0.0, bias=False, num_kv_heads=kv_heads, rotary=rope)
+    linear = functools.partial(nn.Linear, bias=False)
+    theirs = TTAttention(
+        embed_dim=E,
+        num_heads=H,
+        num_kv_heads=kv_heads,
+        head_dim=D,
+        q_proj=linear(E, H * D),
+        k_proj=linear(E, kv_heads * D),
+        v_proj=linear(E, kv_heads * D),
+        output_proj=linear(E, E),
+        pos_embeddings=TTRope(D, max_seq_len=total),
+        max_seq_len=total,
+        is_causal=True,
+    )
+    with torch.no_grad():
+        theirs.q_proj.weight.copy_(ours.q_proj_weight)
+        theirs.k_proj.weight.copy_(ours.k_proj_weight)
+        theirs.v_proj.weight.copy_(ours.v_proj_weight)
+        theirs.output_proj.weight.copy_(ours.out_proj.weight)
+    theirs.setup_cache(1, torch.float32, total)  # its own KVCache(max_seq_len=total), enabled
+    ours.train()
+    theirs.train()  # dropout 0 in both: train mode as the forward convention, no eval fast paths
+    causal = torch.ones(total, total, dtype=torch.bool).tril_()  # torchtune's mask: True = may attend
+    positions = torch.arange(total)[None]  # (1, total)
+    caches = {"eager": KVCache(1, total, kv_heads, D), "compiled": KVCache(1, total, kv_heads, D)}
+    if not compile:
+        del caches["compiled"]
+    steps = {name: _step(ours, cache) for name, cache in caches.items()}
+
+    def tt_step(t0: int, t1: int) -> torch.Tensor:  # tokens t0 .. t1-1, as torchtune's generate() feeds them
+        pos = positions[:, t0:t1]
+        return theirs(x[:, t0:t1], x[:, t0:t1], mask=causal[None, t0:t1], input_pos=pos)
+
+    def decode(name: str) -> tuple[list[torch.Tensor], float]:
+        """Prefill the prompt, then decode token by token; returns the outputs and the seconds the
+        `tokens` decode steps took (the prefill is not timed)."""
+        if name == "torchtune":
+            theirs.reset_cache()
+            rows = [tt_step(0, prompt)]
+            t0 = time.perf_counter()
+            rows += [tt_step(t, t + 1) for t in range(prompt, total)]
+            return rows, time.perf_counter() - t0
+        caches[name].reset()
+        rows = [_step(ours, caches[name])(x[:, :prompt])]  # prefill eager
+        step = steps[name]
+        t0 = time.perf_counter()
+        rows += [step(x[:, t : t + 1]) for t in range(prompt, total)]
+        return rows, time.perf_counter() - t0
+
+    result: dict = {
+        "scenario": "decode_torchtune",
+        "config": {"tokens": tokens, "prompt": prompt, "E": E, "H": H, "kv_heads": kv_heads, "batch": 1},
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "torchtune_baseline": "torchtune 0.6.1 MultiHeadAttention + KVCache(max_seq_len=prompt+tokens), bias=False, "
+        "RotaryPositionalEmbeddings, eager, bool causal mask rows and input_pos per step as its generate() does",
+    }
+    with torch.no_grad():
+        if compile:  # static shapes: (1, 1, E) in, the cache's buffers fixed; prefill stays eager
+            steps["compiled"] = torch.compile(steps["compiled"], fullgraph=True, dynamic=False)
+            caches["compiled"].reset()
+            _step(ours, caches["compiled"])(x[:, :prompt])
+            t0 = time.perf_counter()
+            steps["compiled"](x[:, prompt : prompt + 1])
+            result["ours_compile_s"] = time.perf_counter() - t0
+        names = ["torchtune", *steps]
+        outs = {name: torch.cat(decode(name)[0], 1) for name in names}  # also the warm-up
+        for name in steps:
+            result[f"max_abs_diff_{name}_vs_torchtune"] = (outs[name] - outs["torchtune"]).abs().max().item()
+        per_token: dict[str, list[float]] = {name: [] for name in names}
+        loads = []
+        for r in range(rounds):
+            loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                per_token[name].append(1e3 * decode(name)[1] / tokens)
+        breakdown = {name: _profile(name, decode, tokens) for name in names} if profile else {}
+
+    def paired(a: str, b: str) -> dict:
+        ratios = [x / y for x, y in zip(per_token[a], per_token[b])]
+        return {"median": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+
+    for name, values in per_token.items():
+        result[f"{name}_ms_per_token"] = statistics.median(values)
+        result[f"{name}_spread_ms"] = [min(values), max(values)]
+    for name in steps:
+        result[f"torchtune_over_{name}"] = paired("torchtune", name)
+    if compile:
+        result["eager_over_compiled"] = paired("eager", "compiled")
+    result["load_avg_1min"] = loads
+    result["breakdown"] = breakdown
+    return result
+
+
+def _profile(name: str, decode, tokens: int) -> dict:
+    """One full decode of `name` under torch.profiler: ms per token of the decode steps, and the ops
+    that take most self CPU time in microseconds per token (the prefill's share is small; what is
+    not in an op is Python, dispatch and, compiled, the guards)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = decode(name)[1]
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    in_ops = sum(e.self_cpu_time_total for e in ops) / tokens
+    return {
+        "profiled_ms_per_token": 1e3 * seconds / tokens,
+        "us_per_token_in_ops": round(in_ops, 1),
+        "top_ops_us_per_token": {e.key: round(e.self_cpu_time_total / tokens, 1) for e in ops[:10]},
+    }
+
+
+def table(result: dict, machine: str = "") -> str:
+    """BENCHMARKS.md-ready rows of a decode_torchtune result."""
+    lines = [
+        f"Decode, one layer, B=1, E={result['config']['E']}, H={result['config']['H']}, "
+        f"{result['config']['kv_heads']} kv heads, RoPE, {result['config']['prompt']}-token prompt then "
+        f"{result['config']['tokens']} tokens; {result['threads']} threads; {machine}",
+        "",
+        "| variant | ms per token (median) | spread | torchtune / variant (paired median, spread) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("torchtune", "eager", "compiled"):
+        if f"{name}_ms_per_token" not in result:
+            continue
+        low, high = result[f"{name}_spread_ms"]
+        ratio = result.get(f"torchtune_over_{name}")
+        shown = f"{ratio['median']:.2f} ({ratio['spread'][0]:.2f}-{ratio['spread'][1]:.2f})" if ratio else "1"
+        label = {
+            "torchtune": "torchtune 0.6.1 MHA + KVCache",
+            "eager": "ours, eager",
+            "compiled": "ours, compiled step",
+        }
+        lines.append(f"| {label[name]} | {result[f'{name}_ms_per_token']:.3f} | {low:.3f}-{high:.3f} | {shown} |")
+    if "eager_over_compiled" in result:
+        e = result["eager_over_compiled"]
+        lines += ["", f"eager / compiled: {e['median']:.3f} (spread {e['spread'][0]:.3f}-{e['spread'][1]:.3f})"]
+    return "\n".join(lines)
+
+
+SCENARIOS = {"decode": decode_benchmark, "decode_torchtune": torchtune_benchmark}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,7 +387,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-stride", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--torchtune", action="store_true", help="per token against torchtune 0.6.1's cache instead")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds (--torchtune)")
     args = parser.parse_args(argv)
+    if args.torchtune:
+        result = torchtune_benchmark(
+            args.tokens, args.prompt, args.E, args.H, args.kv_heads,
+            rounds=args.rounds, threads=args.threads, compile=not args.no_compile,
+        )  # fmt: skip
+        from .bench import machine
+
+        info = machine()
+        result["machine"] = info
+        print(json.dumps(result, indent=2))
+        print(table(result, f"{info['cpu']}, {info.get('caches', '')}"))
+        return result
     result = decode_benchmark(
         args.tokens,
         args.prompt,
