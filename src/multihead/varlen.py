@@ -42,13 +42,16 @@ if TYPE_CHECKING:
 __all__ = ["PACK_MIN_SHARE", "is_nested", "nested_attention", "not_supported_reasons", "packed_attention"]
 
 #: Share of the keys (B*S) the key padding mask must hide for the packed path to serve a dense call.
-#: The saved work is that share of the key/value projections and of the attention (B*L*S*E terms),
-#: while the extra work is one gather of the valid key rows, one scatter of the outputs and B kernel
-#: calls instead of one (a few tens of microseconds each) -- a cost that does not depend on the
-#: padding. Measured on torch 2.13 CPU (B=8, E=512, H=8, L=1024, benchmarks/varlen.py): at 0 % padding
-#: the packed path costs 1.0-1.05x the padded floor, it breaks even near 5 % and is 0.9x at 12 %;
-#: 1/8 keeps a margin over the noise so that small padding never runs slower than the padded batch.
-PACK_MIN_SHARE: float = 0.125
+#: Derivation: the padded floor's work is 4 units of projections (B*L*E*E each: q, k, v, out) plus
+#: 2S/E units of attention; packing saves the share p of the k, v projections and of the attention,
+#: (2 + 2S/E) / (4 + 2S/E) of the work (0.75 at S = 2E), and costs one gather of the valid key rows,
+#: one concatenation of the outputs and B kernel calls instead of one, independent of p. Measured
+#: (torch 2.13 CPU, one thread, B=8, E=512, H=8, L=1024, `python -m multihead bench --scenarios
+#: varlen_threshold`, ours forced to pack / padded floor, median (min, max) of 5 paired rounds):
+#: 0 %: 1.07 (0.96, 1.39); 3.1 %: 0.96 (0.85, 1.01); 6.25 %: 0.96 (0.89, 1.12); 12.5 %: 0.94 (0.91,
+#: 1.06); 25 %: 0.83 (0.74, 0.89). Packing breaks even by ~3 %; 1/16 leaves a margin for the noise,
+#: so a call with less padding stays on the padded path (never slower than it).
+PACK_MIN_SHARE: float = 1 / 16
 
 #: Below this many attention score elements (B*L*S) per call the per-sequence kernel calls cost more
 #: than the padding they skip (one SDPA call's fixed cost is ~20-50 us on one core, the work of ~1e5
@@ -115,7 +118,7 @@ def nested_attention(
 def _lengths(x: Tensor) -> list[int]:
     """Per-sequence lengths of a nested (B, L_i, ·) tensor."""
     if x.layout == torch.jagged:
-        return x.offsets().diff().tolist()
+        return x.offsets().diff().tolist()  # type: ignore[attr-defined]
     return x._nested_tensor_size()[:, 0].tolist()
 
 
@@ -238,6 +241,7 @@ def packed_attention(
     S = key.shape[1]
     D = E // num_heads
     kv_dim = num_kv_heads * D
+    assert mask.key_padding is not None  # serves() checked it
     valid = ~mask.key_padding  # (B, S) True = a key to keep
     counts = valid.sum(1).tolist()  # S_b per sequence, on the host
     rows, cols = valid.nonzero(as_tuple=True)  # (T,) each, row-major: sequences in order
@@ -327,8 +331,9 @@ def _per_sequence(
         )  # (1, H, L, D), (1, L, S_b) | (1, H, L, S_b) | None
         outs.append(o_b)
         if attn is not None:
-            if spans[b] is not None:
-                attn[b, ..., spans[b][0] : spans[b][1]] = w_b[0]
+            span = spans[b]
+            if span is not None:
+                attn[b, ..., span[0] : span[1]] = w_b[0]
             else:
                 attn[b, ..., cols[starts[b] : starts[b + 1]]] = w_b[0]
     return torch.cat(outs), attn
@@ -373,7 +378,7 @@ def _sequence_mask(
     return AttentionMask(1, heads, q_len, k_len, dense=dense, device=mask.device)
 
 
-def _split_weights(w: Projections, embed_dim: int, kv_dim: int) -> tuple[Tensor, ...]:
+def _split_weights(w: Projections, embed_dim: int, kv_dim: int) -> tuple[Any, ...]:
     """(w_q, w_k, w_v, b_q, b_k, b_v), biases cast to the weights' dtype (None without bias)."""
     if w.in_proj_weight is not None:
         w_q, w_k, w_v = w.in_proj_weight.split([embed_dim, kv_dim, kv_dim])
@@ -381,7 +386,7 @@ def _split_weights(w: Projections, embed_dim: int, kv_dim: int) -> tuple[Tensor,
         w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
     if w.in_proj_bias is None:
         return w_q, w_k, w_v, None, None, None
-    b_q, b_k, b_v = _cast(w.in_proj_bias, w_q).split([embed_dim, kv_dim, kv_dim])
+    b_q, b_k, b_v = w.in_proj_bias.to(w_q.dtype).split([embed_dim, kv_dim, kv_dim])
     return w_q, w_k, w_v, b_q, b_k, b_v
 
 
@@ -412,11 +417,12 @@ def _varlen_kernel(q: Tensor, k: Tensor, v: Tensor, counts: list[int], *, scale:
 
     B, H, L, D = q.shape
     q_packed = q.transpose(1, 2).reshape(B * L, H, D)  # (B*L, H, D): every query row
-    k_packed = k[0].transpose(0, 1)  # (T, Hkv, D)
-    v_packed = v[0].transpose(0, 1)
+    k_packed = k[0].transpose(0, 1).contiguous()  # (T, Hkv, D)
+    v_packed = v[0].transpose(0, 1).contiguous()
     cu_q = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=q.device)  # (B+1,)
     cu_k = F.pad(torch.tensor(counts, device=q.device).cumsum(0), (1, 0)).to(torch.int32)  # (B+1,)
     out = varlen_attn(
         q_packed, k_packed, v_packed, cu_q, cu_k, L, max(counts), scale=scale, enable_gqa=k.shape[1] != H
     )  # (B*L, H, D)
+    assert isinstance(out, Tensor)
     return out.view(B, L, H, D).transpose(1, 2)
