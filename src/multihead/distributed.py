@@ -290,10 +290,11 @@ def _plan(
     return plans
 
 
-def _exchange(ring: _Ring, send: Tensor) -> tuple[Tensor, list]:
-    """Start sending `send` to the next rank and receiving the previous rank's into a new buffer."""
+def _exchange(ring: _Ring, send: Tensor, recv: Tensor | None = None) -> tuple[Tensor, tuple]:
+    """Start sending `send` to the next rank and receiving the previous rank's into `recv` (a free
+    buffer like `send`; a new one if None)."""
     start = time.perf_counter()
-    recv = torch.empty_like(send)
+    recv = torch.empty_like(send) if recv is None else recv
     nxt, prev = ring.peers
     ops = [dist.P2POp(dist.isend, send, nxt, ring.group), dist.P2POp(dist.irecv, recv, prev, ring.group)]
     works = dist.batch_isend_irecv(ops)
@@ -326,10 +327,11 @@ class _RingAttention(torch.autograd.Function):
         # the backward's p = exp(s - lse) carries any error of lse, scaled by nothing
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)
         kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
+        spare = None
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
             if step < ring.world - 1:
-                incoming, works = _exchange(ring, kv)
+                incoming, works = _exchange(ring, kv, spare)
             for p in ring.pairs[source]:
                 rows = slice(p.q0, p.q0 + p.n)
                 keys = slice(p.k0, p.k0 + p.m)
@@ -339,7 +341,7 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out_acc[:, :, rows], lse_acc[:, :, rows], out_b, lse_b)
             if step < ring.world - 1:
                 _wait(works)
-                kv = incoming
+                spare, kv = kv, incoming  # the block just sent is free: the next receive lands there
         out = out_acc.to(q.dtype)
         ctx.ring = ring
         ctx.save_for_backward(q, k, v, out, lse_acc.to(acc))
@@ -352,13 +354,19 @@ class _RingAttention(torch.autograd.Function):
         acc = lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
-        dkv_in = None  # the block in hand's dK/dV accumulated by the ranks that held it before
+        # the block in hand's dK/dV, accumulated by the ranks that held it before; two buffers take
+        # turns (one travelling, one being filled), so the ring holds two of kv and two of dkv
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, M, D)
+        spare_kv = spare_dkv = None
+        incoming_dkv = dkv  # replaced by the first receive (step 0 fills `dkv` itself)
         dkv_works: tuple = ()
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
             if step < ring.world - 1:
-                incoming, works = _exchange(ring, kv)
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, M, D)
+                incoming, works = _exchange(ring, kv, spare_kv)
+            if step > 0:  # what the previous rank accumulated on this block (sent while we computed)
+                _wait(dkv_works)
+                spare_dkv, dkv = dkv, incoming_dkv
             for p in ring.pairs[source]:
                 rows = slice(p.q0, p.q0 + p.n)
                 keys = slice(p.k0, p.k0 + p.m)
@@ -369,17 +377,15 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, :, rows] += dq_b
                 dkv[0, :, :, keys] += dk_b
                 dkv[1, :, :, keys] += dv_b
-            if step > 0:
-                _wait(dkv_works)
-                dkv += dkv_in
+                del dq_b, dk_b, dv_b
             if ring.world > 1:  # pass the accumulator on; after the last step it arrives home
-                dkv_in, dkv_works = _exchange(ring, dkv)
+                incoming_dkv, dkv_works = _exchange(ring, dkv, spare_dkv)
             if step < ring.world - 1:
                 _wait(works)
-                kv = incoming
+                spare_kv, kv = kv, incoming
         if ring.world > 1:
             _wait(dkv_works)
-            dkv = dkv_in
+            dkv = incoming_dkv
         m = k.shape[2]
         return dq.to(q.dtype), dkv[0, :, :, :m].to(k.dtype), dkv[1, :, :, :m].to(v.dtype), None
 
