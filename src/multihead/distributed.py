@@ -158,11 +158,14 @@ def _dead_rows(bias: Tensor | None) -> Tensor | None:
 
 def _block_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
     """q (B, H, n, D), k/v (B, Hkv, m, D), n, m > 0; bias additive (B|1, 1, n|1, m) or None; causal
-    top-left (used only when n == m on the same positions). -> out (B, H, n, D) in q's dtype,
-    lse (B, H, n) in the accumulation dtype, -inf for rows that see no key."""
+    top-left (used only when n == m on the same positions). -> out (B, H, n, D) and lse (B, H, n) in
+    the accumulation dtype (float32, float64 for float64: half inputs are attended in float32), lse
+    -inf for rows that see no key."""
+    acc = _acc_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    bias = None if bias is None else bias.to(acc)
     if _use_cpu_op(q):
         out, lse = _cpu_flash(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
-        lse = lse.to(_acc_dtype(q.dtype))
         dead = _dead_rows(bias)
         if dead is not None:  # quirk: a row that sees nothing gets lse 0 from the op
             lse = lse.masked_fill(dead, float("-inf"))
@@ -170,44 +173,42 @@ def _block_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal:
     scores = _scores(q, k, bias, causal, scale)  # (B, H, n, m)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite(lse).unsqueeze(-1))
-    out = torch.matmul(probs, _expand(v, q.shape[1]).to(probs.dtype))
-    return out.to(q.dtype), lse
+    return torch.matmul(probs, _expand(v, q.shape[1])), lse
 
 
 def _block_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias, causal: bool, scale: float
 ):
     """Gradients of one block given the *global* out and lse of these query rows -> dq (B, H, n, D),
-    dk/dv (B, Hkv, m, D)."""
+    dk/dv (B, Hkv, m, D), in the accumulation dtype."""
+    acc = lse.dtype
+    dout, q, k, v, out = (t.to(acc) for t in (dout, q, k, v, out))
+    bias = None if bias is None else bias.to(acc)
     lse = _finite(lse)  # quirk: -inf into the op's backward gives NaN; such rows have p = 0 anyway
     if _use_cpu_op(q):
-        op_lse = lse.to(torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
-        return _cpu_flash_backward(dout, q, k, v, out, op_lse, 0.0, causal, attn_mask=bias, scale=scale)
-    acc = lse.dtype
+        return _cpu_flash_backward(dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
     heads, kv_heads = q.shape[1], k.shape[1]
     probs = torch.exp(_scores(q, k, bias, causal, scale) - lse.unsqueeze(-1))  # (B, H, n, m)
-    dout_a = dout.to(acc)
-    dv = torch.matmul(probs.transpose(-2, -1), dout_a)  # (B, H, m, D)
-    dp = torch.matmul(dout_a, _expand(v, heads).to(acc).transpose(-2, -1))
-    delta = (dout_a * out.to(acc)).sum(-1, keepdim=True)
+    dv = torch.matmul(probs.transpose(-2, -1), dout)  # (B, H, m, D)
+    dp = torch.matmul(dout, _expand(v, heads).transpose(-2, -1))
+    delta = (dout * out).sum(-1, keepdim=True)
     ds = probs * (dp - delta) * scale
-    dq = torch.matmul(ds, _expand(k, heads).to(acc))
-    dk = torch.matmul(ds.transpose(-2, -1), q.to(acc))
+    dq = torch.matmul(ds, _expand(k, heads))
+    dk = torch.matmul(ds.transpose(-2, -1), q)
     if kv_heads != heads:  # sum each group's heads into its kv head
         dk = dk.unflatten(1, (kv_heads, -1)).sum(2)
         dv = dv.unflatten(1, (kv_heads, -1)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _scores(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: float) -> Tensor:
-    acc = _acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc) * scale, _expand(k, q.shape[1]).to(acc).transpose(-2, -1))  # (B, H, n, m)
+    scores = torch.matmul(q * scale, _expand(k, q.shape[1]).transpose(-2, -1))  # (B, H, n, m)
     if causal:
         n, m = scores.shape[-2:]
         hidden = torch.ones(n, m, dtype=torch.bool, device=q.device).triu_(1)
         scores = scores.masked_fill(hidden, float("-inf"))
     if bias is not None:
-        scores = scores + bias.to(acc)
+        scores = scores + bias
     return scores
 
 
@@ -289,10 +290,11 @@ def _plan(
     return plans
 
 
-def _exchange(ring: _Ring, send: Tensor) -> tuple[Tensor, list]:
-    """Start sending `send` to the next rank and receiving the previous rank's into a new buffer."""
+def _exchange(ring: _Ring, send: Tensor, recv: Tensor | None = None) -> tuple[Tensor, tuple]:
+    """Start sending `send` to the next rank and receiving the previous rank's into `recv` (a free
+    buffer like `send`; a new one if None)."""
     start = time.perf_counter()
-    recv = torch.empty_like(send)
+    recv = torch.empty_like(send) if recv is None else recv
     nxt, prev = ring.peers
     ops = [dist.P2POp(dist.isend, send, nxt, ring.group), dist.P2POp(dist.irecv, recv, prev, ring.group)]
     works = dist.batch_isend_irecv(ops)
@@ -321,12 +323,15 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> Tensor:
         acc = _acc_dtype(q.dtype)
         out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, n, D)
-        lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, n)
+        # (B, H, n): in float64, cheap at this size, so the merged lse rounds once (to `acc`), not per merge:
+        # the backward's p = exp(s - lse) carries any error of lse, scaled by nothing
+        lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)
         kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
+        spare = None
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
             if step < ring.world - 1:
-                incoming, works = _exchange(ring, kv)
+                incoming, works = _exchange(ring, kv, spare)
             for p in ring.pairs[source]:
                 rows = slice(p.q0, p.q0 + p.n)
                 keys = slice(p.k0, p.k0 + p.m)
@@ -336,10 +341,10 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out_acc[:, :, rows], lse_acc[:, :, rows], out_b, lse_b)
             if step < ring.world - 1:
                 _wait(works)
-                kv = incoming
+                spare, kv = kv, incoming  # the block just sent is free: the next receive lands there
         out = out_acc.to(q.dtype)
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse_acc)
+        ctx.save_for_backward(q, k, v, out, lse_acc.to(acc))
         return out
 
     @staticmethod
@@ -349,13 +354,19 @@ class _RingAttention(torch.autograd.Function):
         acc = lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
-        dkv_in = None  # the block in hand's dK/dV accumulated by the ranks that held it before
+        # the block in hand's dK/dV, accumulated by the ranks that held it before; two buffers take
+        # turns (one travelling, one being filled), so the ring holds two of kv and two of dkv
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, M, D)
+        spare_kv = spare_dkv = None
+        incoming_dkv = dkv  # replaced by the first receive (step 0 fills `dkv` itself)
         dkv_works: tuple = ()
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
             if step < ring.world - 1:
-                incoming, works = _exchange(ring, kv)
-            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, M, D)
+                incoming, works = _exchange(ring, kv, spare_kv)
+            if step > 0:  # what the previous rank accumulated on this block (sent while we computed)
+                _wait(dkv_works)
+                spare_dkv, dkv = dkv, incoming_dkv
             for p in ring.pairs[source]:
                 rows = slice(p.q0, p.q0 + p.n)
                 keys = slice(p.k0, p.k0 + p.m)
@@ -366,27 +377,26 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, :, rows] += dq_b
                 dkv[0, :, :, keys] += dk_b
                 dkv[1, :, :, keys] += dv_b
-            if step > 0:
-                _wait(dkv_works)
-                dkv += dkv_in
+                del dq_b, dk_b, dv_b
             if ring.world > 1:  # pass the accumulator on; after the last step it arrives home
-                dkv_in, dkv_works = _exchange(ring, dkv)
+                incoming_dkv, dkv_works = _exchange(ring, dkv, spare_dkv)
             if step < ring.world - 1:
                 _wait(works)
-                kv = incoming
+                spare_kv, kv = kv, incoming
         if ring.world > 1:
             _wait(dkv_works)
-            dkv = dkv_in
+            dkv = incoming_dkv
         m = k.shape[2]
         return dq.to(q.dtype), dkv[0, :, :, :m].to(k.dtype), dkv[1, :, :, :m].to(v.dtype), None
 
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
     """In place: (out_acc, lse_acc) <- the log-sum-exp merge with one block's (out_b, lse_b)."""
+    lse_b = lse_b.to(lse_acc.dtype)
     lse = torch.logaddexp(lse_acc, lse_b)
     safe = _finite(lse)  # rows that saw nothing so far keep weights 0, not NaN
-    out_acc.mul_(torch.exp(lse_acc - safe).unsqueeze(-1))
-    out_acc.add_(out_b.to(out_acc.dtype) * torch.exp(lse_b - safe).unsqueeze(-1))
+    out_acc.mul_(torch.exp(lse_acc - safe).unsqueeze(-1).to(out_acc.dtype))
+    out_acc.add_(out_b * torch.exp(lse_b - safe).unsqueeze(-1).to(out_acc.dtype))
     lse_acc.copy_(lse)
 
 
