@@ -221,9 +221,7 @@ def test_gradcheck_float64(device):
     mask = AttentionMask(**{**mask.__dict__, "batch": 1, "key_padding": mask.key_padding[:1]})
 
     def fn(q, k, v):
-        out, w = triton_backend.attend(
-            q, k, v, mask, scale=0.3, dropout_p=0.0, need_weights=True, average_weights=True
-        )
+        out, w = triton_backend.attend(q, k, v, mask, scale=0.3, dropout_p=0.0, need_weights=True, average_weights=True)
         return out, w
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)

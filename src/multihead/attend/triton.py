@@ -112,7 +112,9 @@ def _plan(q: Tensor, mask: AttentionMask, scale: float, dropout_p: float, need_w
     key_padding = mask.key_padding
     if key_padding is not None:  # (B, S): -inf where padded (bool), or the user's floats
         if key_padding.dtype == torch.bool:
-            key_padding = torch.zeros(key_padding.shape, dtype=acc, device=q.device).masked_fill_(key_padding, -torch.inf)
+            key_padding = torch.zeros(key_padding.shape, dtype=acc, device=q.device).masked_fill_(
+                key_padding, -torch.inf
+            )
         key_padding = key_padding.to(acc).contiguous()
     dense = mask.dense
     if dense is not None and dense.dtype == torch.bool:
@@ -352,4 +354,3 @@ def attend(
         return _TritonAttention.apply(q, k, v, plan)
     out, _, weights = _forward(q, k, v, plan)
     return out, weights
-
