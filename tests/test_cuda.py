@@ -29,8 +29,10 @@ from multihead.rotary import RotaryEmbedding
 from helpers import first_error, pair
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def cuda_only(request):
+    if "cpu_too" in request.keywords:
+        return
     if request.config.getoption("--device") != "cuda":
         pytest.skip("CUDA tests run with --device cuda")
     if not torch.cuda.is_available():
@@ -249,3 +251,14 @@ def test_decode_step_under_cuda_graphs():
     assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [prompt + steps] * B
     skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
     assert skips == 0, f"CUDA graphs were skipped {skips} times"
+
+
+@pytest.mark.cpu_too
+def test_gpu_benchmark_exits_cleanly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: scripts/gpu_check.sh runs the benchmark")
+    from multihead.benchmarks import gpu
+
+    assert gpu.main(["--out", str(tmp_path), "--lengths", "1024"]) == 0
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()) and gpu.SCENARIOS == {}

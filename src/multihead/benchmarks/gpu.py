@@ -32,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -48,10 +49,21 @@ SCENARIOS: dict = {}  # GPU only: nothing for the CPU bench to discover
 
 MIN_SAMPLE_S = 0.05
 DTYPE = torch.bfloat16
+DEVICE = "cuda"  # "cpu" only for --smoke-cpu (a check of this script's code paths, no measurement)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---- timing -------------------------------------------------------------------------------------------
 def _once(fn: Callable[[], object], n: int) -> float:
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
@@ -64,7 +76,7 @@ def _once(fn: Callable[[], object], n: int) -> float:
 def _repeats(fn: Callable[[], object]) -> int:
     """Calls per sample so that a sample lasts >= MIN_SAMPLE_S (after two warm-up calls)."""
     fn()
-    torch.cuda.synchronize()
+    _sync()
     one = _once(fn, 1)
     return max(1, math.ceil(MIN_SAMPLE_S / max(one, 1e-6)))
 
@@ -86,8 +98,10 @@ def compare(variants: dict[str, Callable[[], object]], rounds: int) -> dict:
     return result
 
 
-def peak_mb(fn: Callable[[], object]) -> float:
+def peak_mb(fn: Callable[[], object]) -> float | None:
     """Peak CUDA memory of one call above what was allocated before it (results included), MB."""
+    if DEVICE != "cuda":
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -104,7 +118,7 @@ def _modules(E: int, H: int):
     from multihead import MultiheadAttention
 
     torch.manual_seed(0)
-    theirs = nn.MultiheadAttention(E, H, batch_first=True, device="cuda", dtype=DTYPE)
+    theirs = nn.MultiheadAttention(E, H, batch_first=True, device=DEVICE, dtype=DTYPE)
     ours = MultiheadAttention.from_torch(theirs)
     return theirs, ours
 
@@ -140,7 +154,7 @@ def attention_rows(L: int, tokens: int, E: int, H: int, rounds: int) -> list[dic
     D = E // H
     theirs, ours = _modules(E, H)
     floor = _floor(theirs, H)
-    x = torch.randn(B, L, E, device="cuda", dtype=DTYPE)
+    x = torch.randn(B, L, E, device=DEVICE, dtype=DTYPE)
     shape = dict(B=B, L=L, E=E, H=H, dtype=str(DTYPE))
     rows = []
 
@@ -151,7 +165,8 @@ def attention_rows(L: int, tokens: int, E: int, H: int, rounds: int) -> list[dic
             result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=3)}
         rows.append({"row": name, **shape, **result})
         print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
     with torch.no_grad():
 
@@ -171,7 +186,7 @@ def attention_rows(L: int, tokens: int, E: int, H: int, rounds: int) -> list[dic
         row("weights_module", weights_module)
 
         def weights_attention():
-            q4, k4, v4 = (torch.randn(B, L, H, D, device="cuda", dtype=DTYPE).transpose(1, 2) for _ in range(3))
+            q4, k4, v4 = (torch.randn(B, L, H, D, device=DEVICE, dtype=DTYPE).transpose(1, 2) for _ in range(3))
             q3, k3, v3 = (t.reshape(B * H, L, D) for t in (q4, k4, v4))
             mask = AttentionMask(B, H, L, L, device=x.device)
             variants = {
@@ -249,13 +264,13 @@ def decode_rows(E: int, H: int, kv_heads: int, prompt: int, tokens: int, rounds:
 
     D, B, total = E // H, 1, prompt + tokens
     torch.manual_seed(0)
-    rope = RotaryEmbedding(D, max_seq_len=total, device="cuda")
-    m = MultiheadAttention(E, H, num_kv_heads=kv_heads, rotary=rope, device="cuda", dtype=DTYPE).eval()
-    x = torch.randn(B, total, E, device="cuda", dtype=DTYPE)
+    rope = RotaryEmbedding(D, max_seq_len=total, device=DEVICE)
+    m = MultiheadAttention(E, H, num_kv_heads=kv_heads, rotary=rope, device=DEVICE, dtype=DTYPE).eval()
+    x = torch.randn(B, total, E, device=DEVICE, dtype=DTYPE)
     shape = dict(B=B, E=E, H=H, kv_heads=kv_heads, prompt=prompt, tokens=tokens, dtype=str(DTYPE))
     row: dict = {"row": "decode", **shape}
 
-    ours_cache = KVCache(B, total, kv_heads, D, device="cuda", dtype=DTYPE)
+    ours_cache = KVCache(B, total, kv_heads, D, device=DEVICE, dtype=DTYPE)
 
     def ours_step(h):  # (B, 1, E)
         return m(h, h, h, need_weights=False, kv_cache=ours_cache)[0]
@@ -267,11 +282,14 @@ def decode_rows(E: int, H: int, kv_heads: int, prompt: int, tokens: int, rounds:
     if TTCache is None:
         row["torchtune"] = "not installed: row skipped"
     else:
-        tt_cache = TTCache(B, total, kv_heads, D, DTYPE).to("cuda")
-        w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+        tt_cache = TTCache(B, total, kv_heads, D, DTYPE).to(DEVICE)
+        if m.in_proj_weight is not None:  # packed (kv_heads == H)
+            w_q, w_k, w_v = m.in_proj_weight.split([E, kv_heads * D, kv_heads * D])
+        else:
+            w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
         b_q, b_k, b_v = m.in_proj_bias.split([E, kv_heads * D, kv_heads * D])
-        keys = torch.arange(total, device="cuda")
-        pos = torch.zeros(B, 1, dtype=torch.long, device="cuda")  # the step's position, a static input
+        keys = torch.arange(total, device=DEVICE)
+        pos = torch.zeros(B, 1, dtype=torch.long, device=DEVICE)  # the step's position, a static input
 
         def tt_forward(h, positions):  # (B, L, E), (B, L) -> (B, L, E): same math, torchtune's cache
             L = h.shape[1]
@@ -287,7 +305,7 @@ def decode_rows(E: int, H: int, kv_heads: int, prompt: int, tokens: int, rounds:
         def tt_prefill():
             tt_cache.reset()
             pos.fill_(prompt)
-            return tt_forward(x[:, :prompt], torch.arange(prompt, device="cuda")[None])
+            return tt_forward(x[:, :prompt], torch.arange(prompt, device=DEVICE)[None])
 
         compiled_tt = _compiled(tt_forward, False)
 
@@ -301,21 +319,24 @@ def decode_rows(E: int, H: int, kv_heads: int, prompt: int, tokens: int, rounds:
     try:
         with torch.no_grad():
             per_token: dict[str, list[float]] = {name: [] for name in variants}
+            last: dict[str, torch.Tensor] = {}  # each variant's output for the last token
             for r in range(rounds + 1):  # round 0 compiles and captures
                 for name, (prefill, step) in variants.items():
                     prefill()
-                    torch.cuda.synchronize()
+                    _sync()
                     t0 = time.perf_counter()
                     for t in range(prompt, total):
                         torch.compiler.cudagraph_mark_step_begin()
-                        step(x[:, t : t + 1])
-                    torch.cuda.synchronize()
+                        out = step(x[:, t : t + 1])
+                    _sync()
                     if r > 0:
                         per_token[name].append((time.perf_counter() - t0) / tokens)
+                    last[name] = out.float().clone()
             for name, values in per_token.items():
                 row[f"{name}_tokens_per_s"] = 1 / statistics.median(values)
                 row[f"{name}_tokens_per_s_spread"] = [1 / max(values), 1 / min(values)]
-            if "torchtune" in per_token:
+            if "torchtune" in per_token:  # the same layer, so the same answer
+                row["max_abs_diff_last_token"] = (last["ours"] - last["torchtune"]).abs().max().item()
                 ratios = [a / b for a, b in zip(per_token["torchtune"], per_token["ours"])]
                 row["torchtune/ours"] = statistics.median(ratios)
                 row["torchtune/ours_spread"] = [min(ratios), max(ratios)]
@@ -327,6 +348,8 @@ def decode_rows(E: int, H: int, kv_heads: int, prompt: int, tokens: int, rounds:
 
 
 def _compiled(fn, fullgraph: bool):
+    if DEVICE != "cuda":  # --smoke-cpu: the code path, not the compiler
+        return fn
     return torch.compile(fn, mode="reduce-overhead", fullgraph=fullgraph, dynamic=False)
 
 
@@ -387,10 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds (a smoke run)")
+    parser.add_argument(
+        "--smoke-cpu", action="store_true", help="run every row at tiny sizes on CPU (Triton's interpreter): no figures"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.tokens, args.rounds, args.prompt, args.decode_tokens = [256, 512], 1024, 3, 32, 16
-    if not torch.cuda.is_available():
+    if args.smoke_cpu:
+        global DEVICE, MIN_SAMPLE_S
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        DEVICE, MIN_SAMPLE_S = "cpu", 0.0
+        args.lengths, args.tokens, args.rounds, args.prompt, args.decode_tokens = [32], 64, 2, 8, 4
+        args.embed_dim, args.heads = 64, 8
+    elif not torch.cuda.is_available():
         print("multihead.benchmarks.gpu: CUDA is not available; nothing to measure", file=sys.stderr)
         return 0
     try:
@@ -400,10 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         triton_version = None
     result = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke-cpu: no figures)",
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "device": DEVICE,
         "python": platform.python_version(),
         "rounds": args.rounds,
         "min_sample_s": MIN_SAMPLE_S,
