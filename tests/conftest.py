@@ -31,6 +31,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     """On CPU, Triton kernels run in its interpreter, which must be on before triton is imported."""
+    config.addinivalue_line("markers", "cpu_too: a test in tests/test_cuda.py that also runs without --device cuda")
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
 

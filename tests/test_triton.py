@@ -221,12 +221,35 @@ def test_gradcheck_float64(device):
     mask = AttentionMask(**{**mask.__dict__, "batch": 1, "key_padding": mask.key_padding[:1]})
 
     def fn(q, k, v):
-        out, w = triton_backend.attend(
-            q, k, v, mask, scale=0.3, dropout_p=0.0, need_weights=True, average_weights=True
-        )
+        out, w = triton_backend.attend(q, k, v, mask, scale=0.3, dropout_p=0.0, need_weights=True, average_weights=True)
         return out, w
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_double_backward(device):
+    """create_graph=True: the first gradients equal the fast backward's, and a second-order gradient
+    (of the squared first gradients) matches the float64 reference's."""
+    B, H, L, S, D = 1, 2, 9, 11, 16
+    q, k, v = qkv(B, H, 1, L, S, D, device)
+    mask = make_mask("causal_offset", B, H, L, S, device)
+    fast = run(triton_backend.attend, q, k, v, mask)
+
+    def second(attend, q, k, v):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, w = attend(q, k, v, mask, scale=D**-0.5, dropout_p=0.0, need_weights=True, average_weights=True)
+        g = torch.Generator().manual_seed(99)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum()
+        loss = loss + (w * torch.randn(w.shape, generator=g, dtype=torch.float64).to(w)).sum()
+        grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+        return grads, torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+
+    first, ours = second(triton_backend.attend, q, k, v)
+    _, exact = second(reference.attend, q.double(), k.double(), v.double())
+    for name, a, b in zip(NAMES[2:], first, fast[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for name, a, c in zip(NAMES[2:], ours, exact):
+        torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---- the module, against torch ------------------------------------------------------------------------

@@ -247,7 +247,9 @@ def _backward_delta_w(
     lo, hi = _key_range(m0, L, S, offset, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=(offs_n[:, None] < S) & d_ok, other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=(offs_n[:, None] < S) & d_ok, other=0.0
+        )
         s = _scores(q, k, offs_m, offs_n, b, h, L, S, offset, left, right, scale, KP, skpb, DM, sdb, sdh, sdm, sdn,
                     HAS_LEFT, HAS_RIGHT, HAS_KP, DENSE, PREC, ACC, UPCAST)  # fmt: skip
         p = tl.exp(s - lse[:, None])

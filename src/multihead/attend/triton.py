@@ -47,8 +47,8 @@ name = "triton"
 
 MAX_HEAD_DIM = 256
 
-#: (BLOCK_M, BLOCK_N) of every kernel, when set (tests use (16, 16) to cut small inputs into many
-#: tiles); None picks per device and head dim (`_config`).
+#: (BLOCK_M, BLOCK_N) of every kernel, when set (tests cut small inputs into several tiles); None
+#: picks per kernel and head dim (`_tiles`).
 BLOCKS: tuple[int, int] | None = None
 
 
@@ -100,8 +100,6 @@ class _Plan:
     right: int | None
     key_padding: Tensor | None  # (B, S) additive, in the accumulation dtype
     dense: Tensor | None  # (1|B, 1|H, L, S): uint8 (1 = hidden) or float (added)
-    block_m: int
-    block_n: int
     mask: AttentionMask  # for the differentiable (double) backward
     acc: torch.dtype  # the kernels' accumulation dtype: float32, float64 for float64 inputs
 
@@ -112,13 +110,14 @@ def _plan(q: Tensor, mask: AttentionMask, scale: float, dropout_p: float, need_w
     key_padding = mask.key_padding
     if key_padding is not None:  # (B, S): -inf where padded (bool), or the user's floats
         if key_padding.dtype == torch.bool:
-            key_padding = torch.zeros(key_padding.shape, dtype=acc, device=q.device).masked_fill_(key_padding, -torch.inf)
+            key_padding = torch.zeros(key_padding.shape, dtype=acc, device=q.device).masked_fill_(
+                key_padding, -torch.inf
+            )
         key_padding = key_padding.to(acc).contiguous()
     dense = mask.dense
     if dense is not None and dense.dtype == torch.bool:
         dense = dense.view(torch.uint8)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p > 0.0 else 0
-    block_m, block_n = BLOCKS or _config(q)
     return _Plan(
         scale=float(scale),
         dropout_p=float(dropout_p),
@@ -131,23 +130,32 @@ def _plan(q: Tensor, mask: AttentionMask, scale: float, dropout_p: float, need_w
         right=right,
         key_padding=key_padding,
         dense=dense,
-        block_m=block_m,
-        block_n=block_n,
         mask=mask,
         acc=acc,
     )
 
 
-def _config(q: Tensor) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 64 x 64 tiles keep a tile's float32 scores and a (64, D) accumulator in
-    registers up to D = 256 on a GPU (and are few enough for the interpreter)."""
-    return 64, 64
+#: Tiles and launch options on a GPU, per kernel: BLOCK_M query rows, BLOCK_N keys, warps, pipeline
+#: stages, for head dims up to 64 / above 64. Chosen from FlashAttention-2 practice on Hopper (the
+#: forward holds a (BLOCK_M, D) float32 accumulator and a (BLOCK_M, BLOCK_N) score tile in registers;
+#: the weights and backward kernels hold two of each), not tuned on a measurement yet.
+GPU_TILES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
+    "forward": ((128, 64, 4, 3), (128, 64, 8, 3)),
+    "weights": ((64, 64, 4, 2), (64, 64, 8, 2)),
+    "backward": ((64, 64, 4, 2), (64, 64, 8, 2)),
+}
 
 
-def _launch_options(q: Tensor, D: int) -> dict:
-    if interpreting():
-        return {}
-    return {"num_warps": 4 if D <= 64 else 8, "num_stages": 2}
+def _tiles(q: Tensor, kernel: str) -> dict:
+    """BLOCK_M, BLOCK_N (and on a GPU num_warps, num_stages) for one kernel launch."""
+    if BLOCKS is not None or q.device.type != "cuda" or interpreting():
+        block_m, block_n = BLOCKS or (64, 64)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    small, large = GPU_TILES[kernel]
+    block_m, block_n, warps, stages = small if q.shape[-1] <= 64 else large
+    if q.shape[-1] > 128:  # D = 256: halve the tiles to stay in registers and shared memory
+        block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 def _strides4(t: Tensor) -> list[int]:
@@ -171,18 +179,16 @@ def _kernels() -> ModuleType:
     return _built[1]
 
 
-def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, dict]:
-    """Mask and scalar arguments every kernel takes (after its pointers and strides), and constexprs."""
+def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, list, dict]:
+    """What every kernel takes besides its own tensors: the two mask pointers (first among the
+    pointers), the mask strides and scalars (after the strides), and the constexprs."""
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    kp = plan.key_padding if plan.key_padding is not None else dummy
-    dense = plan.dense if plan.dense is not None else dummy
-    dense_strides = _strides4(dense) if plan.dense is not None else [0, 0, 0, 0]
-    args = [
-        kp,
-        dense,
-        kp.stride(0) if plan.key_padding is not None else 0,
-        *dense_strides,
+    kp, dense = plan.key_padding, plan.dense
+    pointers = [dummy if kp is None else kp, dummy if dense is None else dense]
+    scalars = [
+        0 if kp is None else kp.stride(0),
+        *([0, 0, 0, 0] if dense is None else _strides4(dense)),
         H,
         H // Hkv,
         L,
@@ -196,29 +202,22 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, dic
         plan.keep_scale,
     ]
     tl = importlib.import_module("triton.language")
-    precision = "ieee"
+    precision = "ieee"  # float32 products as torch's matmul makes them, unless it allows TF32
     if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     constexprs = dict(
         D=D,
-        BLOCK_M=plan.block_m,
-        BLOCK_N=plan.block_n,
         BLOCK_D=max(16, 1 << (D - 1).bit_length()),
         HAS_LEFT=plan.left is not None,
         HAS_RIGHT=plan.right is not None,
-        HAS_KP=plan.key_padding is not None,
-        DENSE=0 if plan.dense is None else 1 if plan.dense.dtype == torch.uint8 else 2,
+        HAS_KP=kp is not None,
+        DENSE=0 if dense is None else 1 if dense.dtype == torch.uint8 else 2,
         DROPOUT=plan.dropout_p > 0.0,
         PREC=precision,
         ACC=tl.float64 if plan.acc == torch.float64 else tl.float32,
         UPCAST=q.dtype == torch.bfloat16 and interpreting(),
     )
-    return args, constexprs
-
-
-def _split_common(args: list) -> tuple[list, list]:
-    """(the two mask pointers, the rest) of `_common`'s arguments: pointers come first in a kernel."""
-    return args[:2], args[2:]
+    return pointers, scalars, constexprs
 
 
 # ---- forward ---------------------------------------------------------------------------------------
@@ -229,27 +228,27 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tens
     S = k.shape[2]
     out = q.new_empty(L, B, H, D).permute(1, 2, 0, 3)  # (B, H, L, D) view of (L, B, H, D)
     lse = torch.empty(B, H, L, dtype=plan.acc, device=q.device)
-    common, const = _common(q, k, plan, lse)
-    ptrs, rest = _split_common(common)
-    opts = _launch_options(q, D)
-    grid = (triton_cdiv(L, plan.block_m), B * H)
+    ptrs, rest, const = _common(q, k, plan, lse)
+    tiles = _tiles(q, "forward")
+    grid = (_cdiv(L, tiles["BLOCK_M"]), B * H)
     kern._forward[grid](
-        q, k, v, out, lse, *ptrs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *rest, **const, **opts
+        q, k, v, out, lse, *ptrs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *rest, **const, **tiles
     )
     weights = None
     if plan.need_weights:
         weights = q.new_empty((B, L, S) if plan.average else (B, H, L, S))
         w_strides = (weights.stride(0), 0, *weights.stride()[1:]) if plan.average else weights.stride()
-        grid = (triton_cdiv(L, plan.block_m), triton_cdiv(S, plan.block_n), B if plan.average else B * H)
+        tiles = _tiles(q, "weights")
+        grid = (_cdiv(L, tiles["BLOCK_M"]), _cdiv(S, tiles["BLOCK_N"]), B if plan.average else B * H)
         kern._weights[grid](
             q, k, lse, weights, *ptrs, *q.stride(), *k.stride(), *w_strides, *rest, **const, AVERAGE=plan.average,
-            **opts,
+            **tiles,
         )  # fmt: skip
     return out, lse, weights
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # ceil(a / b)
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -259,9 +258,9 @@ def _backward(q, k, v, out, lse, d_out: Tensor, d_weights: Tensor | None, plan: 
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     delta = (d_out.to(plan.acc) * out.to(plan.acc)).sum(-1).contiguous()  # (B, H, L): rowsum(dO * O)
-    common, const = _common(q, k, plan, lse)
-    ptrs, rest = _split_common(common)
-    opts = _launch_options(q, D)
+    ptrs, rest, const = _common(q, k, plan, lse)
+    tiles = _tiles(q, "backward")
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     has_dw = d_weights is not None
     dw = d_weights if has_dw else lse
     if has_dw and plan.average:  # (B, L, S)
@@ -272,23 +271,23 @@ def _backward(q, k, v, out, lse, d_out: Tensor, d_weights: Tensor | None, plan: 
         w_strides = (0, 0, 0, 0)
     dw_scale = 1.0 / H if plan.average else 1.0
     if has_dw:  # delta += rowsum(P_dropped * dW_h)
-        kern._backward_delta_w[(triton_cdiv(L, plan.block_m), B * H)](
+        kern._backward_delta_w[(_cdiv(L, block_m), B * H)](
             q, k, lse, dw, delta, *ptrs, *q.stride(), *k.stride(), *w_strides, *rest, dw_scale, **const,
-            AVERAGE=plan.average, **opts,
+            AVERAGE=plan.average, **tiles,
         )  # fmt: skip
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     flags = dict(HAS_DW=has_dw, AVERAGE=plan.average)
-    kern._backward_dkdv[(triton_cdiv(S, plan.block_n), B * Hkv)](
+    kern._backward_dkdv[(_cdiv(S, block_n), B * Hkv)](
         q, k, v, d_out, lse, delta, dw, dk, dv, *ptrs,
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *w_strides, *dk.stride(), *dv.stride(),
-        *rest, dw_scale, **const, **flags, **opts,
+        *rest, dw_scale, **const, **flags, **tiles,
     )  # fmt: skip
-    kern._backward_dq[(triton_cdiv(L, plan.block_m), B * H)](
+    kern._backward_dq[(_cdiv(L, block_m), B * H)](
         q, k, v, d_out, lse, delta, dw, dq, *ptrs,
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *w_strides, *dq.stride(),
-        *rest, dw_scale, **const, **flags, **opts,
+        *rest, dw_scale, **const, **flags, **tiles,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -300,9 +299,7 @@ class _TritonAttention(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
-        if weights is not None:
-            return out, weights
-        return out, None
+        return out, weights
 
     @staticmethod
     def backward(ctx, d_out: Tensor | None, d_weights: Tensor | None):
@@ -352,4 +349,3 @@ def attend(
         return _TritonAttention.apply(q, k, v, plan)
     out, _, weights = _forward(q, k, v, plan)
     return out, weights
-
