@@ -182,6 +182,8 @@ def not_supported_reasons(
     kp = mask.key_padding
     if kp is None:
         return ["no key_padding_mask"]
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # before any shape test: no guard, no recompile
+        return ["under torch.compile, export or tracing (the lengths are values, read on the host)"]
     reasons = []
     if kp.dtype != torch.bool:
         reasons.append("key_padding_mask is float (only a bool mask says which keys to drop)")
@@ -195,8 +197,6 @@ def not_supported_reasons(
         reasons.append(f"needs floating-point inputs, got {query.dtype}")
     if mask.dense is not None and mask.dense.requires_grad:
         reasons.append("a float attn_mask that requires grad")
-    if torch.compiler.is_compiling():
-        reasons.append("under torch.compile (the lengths are values, read on the host)")
     elements = mask.batch * mask.q_len * mask.k_len
     if elements < PACK_MIN_ELEMENTS:
         reasons.append(f"B*L*S = {elements} score elements < PACK_MIN_ELEMENTS = {PACK_MIN_ELEMENTS}")
