@@ -15,12 +15,11 @@ $(VENV)/.ready: pyproject.toml
 demo: $(VENV)/.ready
 	$(PY) -m multihead demo
 
-# lint, types, the test suite, the docs (warnings are errors)
+# lint, types, the test suite (tests/test_docs.py builds the docs with warnings as errors)
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
 	@echo "(mypy: make typecheck)"
 	$(PY) -m pytest
-	@if [ -f mkdocs.yml ]; then $(PY) -m mkdocs build --strict --quiet --site-dir build/site; fi
 
 bench: $(VENV)/.ready
 	$(PY) -m multihead bench $(ARGS)

@@ -17,6 +17,19 @@ from multihead.attend import blockwise_op
 E, H = 16, 4
 D = E // H
 
+
+@pytest.fixture(autouse=True)
+def no_compile_caches():
+    """Each test compiles afresh: a graph cached by an earlier test with other shapes (AOTAutograd's and
+    inductor's caches outlive `torch._dynamo.reset()`) would bring that test's shape guards along and
+    turn a recompile count into a statement about test order."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
+
 CONFIGS = {
     "plain": {},
     "gqa": {"num_kv_heads": 2},
