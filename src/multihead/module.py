@@ -25,6 +25,7 @@ from .validation import check_module_args, check_window
 
 if TYPE_CHECKING:
     from .cache import KVCache
+    from .explain import Explanation
     from .rotary import RotaryEmbedding
 
 __all__ = ["MultiheadAttention"]
@@ -283,6 +284,14 @@ class MultiheadAttention(nn.MultiheadAttention):
             kv_cache=kv_cache,
             out_proj=self.out_proj,
         )
+
+    def explain(self, query: Tensor, key: Tensor, value: Tensor, **forward_kwargs) -> Explanation:
+        """What `forward(query, key, value, **forward_kwargs)` would do, without doing it: the backend
+        that serves the call, why each other backend does not (with its threshold), and the call's
+        estimated FLOPs and peak bytes, ours and torch's. `print(module.explain(q, k, v))` reads well."""
+        from .explain import explain_call
+
+        return explain_call(self, query, key, value, **forward_kwargs)
 
     # ---- conversion ------------------------------------------------------------------------
     @classmethod
