@@ -251,17 +251,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights=False, None with need_weights=False; after dropout, like torch's.
         """
         if isinstance(query, torch.fx.Proxy):  # symbolic_trace: one call_module node, like torch's leaf
+            options = dict(
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
             return _fx_leaf(
-                self,
-                query,
-                key,
-                value,
-                key_padding_mask,
-                need_weights,
-                attn_mask,
-                average_attn_weights,
-                is_causal,
-                kv_cache,
+                self, (query, key, value), options if kv_cache is None else {**options, "kv_cache": kv_cache}
             )
         return multi_head_attention(
             query,
@@ -373,28 +371,8 @@ def safe_globals() -> list[type]:
     return [MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, RotaryEmbedding, _our_forward_runs]
 
 
-def _fx_leaf(
-    module: MultiheadAttention,
-    query,
-    key,
-    value,
-    key_padding_mask,
-    need_weights,
-    attn_mask,
-    average_attn_weights,
-    is_causal,
-    kv_cache,
-):
+def _fx_leaf(module: MultiheadAttention, args: tuple, kwargs: dict):
     """Under `torch.fx.symbolic_trace` torch's module is a leaf (its `__module__` is torch.nn); ours
     records the same single `call_module` node instead of being traced through."""
-    tracer = query.tracer
-    kwargs = dict(
-        key_padding_mask=key_padding_mask,
-        need_weights=need_weights,
-        attn_mask=attn_mask,
-        average_attn_weights=average_attn_weights,
-        is_causal=is_causal,
-    )
-    if kv_cache is not None:
-        kwargs["kv_cache"] = kv_cache
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (query, key, value), kwargs)
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
