@@ -363,8 +363,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         return ", ".join(parts)
 
 
-def safe_globals() -> list[type]:
-    """Classes to allow-list for `torch.load(path, weights_only=True)` of a whole module:
+def safe_globals() -> list:
+    """Classes (and the eval-mode hook function) to allow-list for `torch.load(path, weights_only=True)` of a whole module:
     `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
     from .rotary import RotaryEmbedding
 
