@@ -364,8 +364,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 def safe_globals() -> list:
-    """Classes (and the eval-mode hook function) to allow-list for `torch.load(path, weights_only=True)` of a whole module:
-    `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
+    """Classes (and the eval-mode hook function) to allow-list for `torch.load(path, weights_only=True)`
+    of a whole module: `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
     from .rotary import RotaryEmbedding
 
     return [MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, RotaryEmbedding, _our_forward_runs]
