@@ -192,6 +192,37 @@ ROWS = [
         TypeError,
         ["key_padding_mask", "Tensor"],
     ),
+    # ---- seq-first inputs by habit (a batch-first module): the other layout explains the shape ----
+    (
+        "layout_batch_size_mismatch",
+        forward(q=_x(L, B, E), k=_x(S, B, E), v=_x(S, B, E)),
+        ValueError,
+        ["key", "batch size", "did you mean batch_first=False?"],
+    ),
+    (
+        "layout_batch_size_mismatch_seq_first_module",
+        forward(MHA(E, H, batch_first=False), q=_x(B, L, E), k=_x(B, S, E), v=_x(B, S, E)),
+        ValueError,
+        ["key", "batch size", "did you mean batch_first=True?"],
+    ),
+    (
+        "layout_key_padding_mask",
+        forward(q=_x(L, B, E), k=_x(L, B, E), v=_x(L, B, E), key_padding_mask=torch.zeros(B, L, dtype=torch.bool)),
+        ValueError,
+        ["key_padding_mask", "(B, S) = (3, 2)", "did you mean batch_first=False?"],
+    ),
+    (
+        "layout_attn_mask",
+        forward(q=_x(L, B, E), k=_x(L, B, E), v=_x(L, B, E), attn_mask=torch.zeros(L, L, dtype=torch.bool)),
+        ValueError,
+        ["attn_mask", "(L, S) = (2, 2)", "did you mean batch_first=False?"],
+    ),
+    (
+        "layout_attn_mask_3d",
+        forward(q=_x(L, B, E), k=_x(L, B, E), v=_x(L, B, E), attn_mask=torch.zeros(B * H, L, L)),
+        ValueError,
+        ["attn_mask", "(6, 2, 2)", "did you mean batch_first=False?"],
+    ),
     # ---- backends ----
     ("backend_unknown", _forced("nope"), ValueError, ["backend", "'nope'", "reference"]),
     ("backend_cannot_serve", _forced("sdpa"), ValueError, ["need_weights", "sdpa"]),
@@ -211,6 +242,53 @@ def test_invalid_input_raises_clear_error(thunk, exc, words):
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} not in message: {message}"
+
+
+def test_no_layout_hint_when_the_other_layout_does_not_explain_it():
+    with pytest.raises(ValueError) as info:
+        forward(k=_x(3, S + 1, E), v=_x(3, S + 1, E))()
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(ValueError) as info:
+        forward(key_padding_mask=torch.zeros(B, S + 1, dtype=torch.bool))()
+    assert "did you mean" not in str(info.value)
+
+
+# ---- where torch raises AssertionError, ours is both a ValueError and an AssertionError ----------
+def _unbatched(**kw):
+    return {"q": _x(L, E), "k": _x(S, E), "v": _x(S, E), **kw}
+
+
+TORCH_ASSERTS = {  # case: (batch_first, forward arguments); torch's message must appear in ours
+    "key_2d": (True, dict(k=_x(S, E))),
+    "value_2d": (True, dict(v=_x(S, E))),
+    "key_3d_unbatched": (True, _unbatched(k=_x(B, S, E))),
+    "query_4d": (True, dict(q=_x(1, B, L, E), k=_x(1, B, S, E), v=_x(1, B, S, E))),
+    "key_padding_mask_1d": (True, dict(key_padding_mask=torch.zeros(S, dtype=torch.bool))),
+    "key_padding_mask_2d_unbatched": (True, _unbatched(key_padding_mask=torch.zeros(1, S, dtype=torch.bool))),
+    "attn_mask_1d": (True, dict(attn_mask=torch.zeros(S, dtype=torch.bool))),
+    "attn_mask_4d_unbatched": (True, _unbatched(attn_mask=torch.zeros(1, H, L, S, dtype=torch.bool))),
+    "attn_mask_3d_unbatched": (True, _unbatched(attn_mask=torch.zeros(H + 1, L, S, dtype=torch.bool))),
+    "query_last_dim": (True, dict(q=_x(B, L, E + 1))),
+    "key_value_shapes": (False, dict(q=_x(L, B, E), k=_x(S, B, E), v=_x(S + 1, B, E))),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_ASSERTS)
+def test_shape_errors_are_assertion_errors_with_torchs_phrase(case):
+    batch_first, kw = TORCH_ASSERTS[case]
+    with pytest.raises(AssertionError) as theirs:
+        forward(torch.nn.MultiheadAttention(E, H, batch_first=batch_first), **kw)()
+    with pytest.raises(AssertionError) as ours:
+        forward(MHA(E, H, batch_first=batch_first), **kw)()
+    assert isinstance(ours.value, ValueError) and type(ours.value) is ShapeError
+    assert str(theirs.value) in str(ours.value)
+
+
+def test_shape_error_at_construction_is_torchs_assertion_too():
+    with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
+        torch.nn.MultiheadAttention(10, 3)
+    with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
+        MHA(10, 3)
 
 
 def test_ids_are_unique():

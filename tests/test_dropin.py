@@ -226,3 +226,33 @@ def test_backend_assignment_is_validated_and_shown():
     assert "backend='blockwise'" in repr(m)
     m.backend = None
     assert m.backend is None
+
+
+def test_fsdp2_fully_shard_out_proj():
+    """FSDP2 on `module.out_proj` (one process, gloo): its hooks run because out_proj is called as a
+    module; numbers and gradients are the unsharded module's; in-place ops on the output are safe."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of another test")
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        plain = MultiheadAttention(E, H)
+        sharded = MultiheadAttention(E, H)
+        sharded.load_state_dict(plain.state_dict())
+        fully_shard(sharded.out_proj)
+        x = torch.randn(2, 5, E)
+        outs = []
+        for m in (plain, sharded):
+            out, _ = m(x, x, x)
+            out.add_(1.0)  # in place on the returned output
+            out.square().sum().backward()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+        grad = sharded.out_proj.weight.grad
+        torch.testing.assert_close(grad.full_tensor(), plain.out_proj.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sharded.in_proj_weight.grad, plain.in_proj_weight.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -172,8 +172,8 @@ def multi_head_attention(
     # torch's memory layout, (L, B, E) whatever batch_first says: a dropout applied to our output
     # (as in nn.TransformerEncoderLayer) then draws its mask in the same order as torch's
     out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
-    if out_proj is not None:
-        out = out_proj(out)
+    if out_proj is not None:  # on (L*B, E) as torch does: its output is not a view (FSDP2 hooks it)
+        out = out_proj(out.reshape(q_len * batch, embed_dim)).view(q_len, batch, embed_dim)
     else:
         out = F.linear(out, weights.out_proj_weight, _bias_like(weights.out_proj_bias, weights.out_proj_weight))
     # the returned output is never a view (in-place ops on it stay safe, FSDP2 included): a linear

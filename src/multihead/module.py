@@ -25,6 +25,7 @@ from .validation import check_module_args, check_window
 
 if TYPE_CHECKING:
     from .cache import KVCache
+    from .explain import Explanation
     from .rotary import RotaryEmbedding
 
 __all__ = ["MultiheadAttention"]
@@ -250,17 +251,15 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights=False, None with need_weights=False; after dropout, like torch's.
         """
         if isinstance(query, torch.fx.Proxy):  # symbolic_trace: one call_module node, like torch's leaf
+            options = dict(
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
             return _fx_leaf(
-                self,
-                query,
-                key,
-                value,
-                key_padding_mask,
-                need_weights,
-                attn_mask,
-                average_attn_weights,
-                is_causal,
-                kv_cache,
+                self, (query, key, value), options if kv_cache is None else {**options, "kv_cache": kv_cache}
             )
         return multi_head_attention(
             query,
@@ -283,6 +282,14 @@ class MultiheadAttention(nn.MultiheadAttention):
             kv_cache=kv_cache,
             out_proj=self.out_proj,
         )
+
+    def explain(self, query: Tensor, key: Tensor, value: Tensor, **forward_kwargs) -> Explanation:
+        """What `forward(query, key, value, **forward_kwargs)` would do, without doing it: the backend
+        that serves the call, why each other backend does not (with its threshold), and the call's
+        estimated FLOPs and peak bytes, ours and torch's. `print(module.explain(q, k, v))` reads well."""
+        from .explain import explain_call
+
+        return explain_call(self, query, key, value, **forward_kwargs)
 
     # ---- conversion ------------------------------------------------------------------------
     @classmethod
@@ -356,36 +363,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         return ", ".join(parts)
 
 
-def safe_globals() -> list[type]:
-    """Classes to allow-list for `torch.load(path, weights_only=True)` of a whole module:
-    `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
+def safe_globals() -> list:
+    """Classes (and the eval-mode hook function) to allow-list for `torch.load(path, weights_only=True)`
+    of a whole module: `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
     from .rotary import RotaryEmbedding
 
     return [MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, RotaryEmbedding, _our_forward_runs]
 
 
-def _fx_leaf(
-    module: MultiheadAttention,
-    query,
-    key,
-    value,
-    key_padding_mask,
-    need_weights,
-    attn_mask,
-    average_attn_weights,
-    is_causal,
-    kv_cache,
-):
+def _fx_leaf(module: MultiheadAttention, args: tuple, kwargs: dict):
     """Under `torch.fx.symbolic_trace` torch's module is a leaf (its `__module__` is torch.nn); ours
     records the same single `call_module` node instead of being traced through."""
-    tracer = query.tracer
-    kwargs = dict(
-        key_padding_mask=key_padding_mask,
-        need_weights=need_weights,
-        attn_mask=attn_mask,
-        average_attn_weights=average_attn_weights,
-        is_causal=is_causal,
-    )
-    if kv_cache is not None:
-        kwargs["kv_cache"] = kv_cache
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (query, key, value), kwargs)
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)

@@ -63,8 +63,9 @@ def _adopt(theirs: nn.MultiheadAttention, where: str) -> MultiheadAttention:
         device="meta",  # placeholders only: torch's parameters replace them below
     )
     for name, param in theirs._parameters.items():
-        if (param is None) != (ours._parameters[name] is None) or (
-            param is not None and param.shape != ours._parameters[name].shape
+        placeholder = ours._parameters[name]
+        if (param is None) != (placeholder is None) or (
+            param is not None and placeholder is not None and param.shape != placeholder.shape
         ):
             raise ValueError(f"replace_attention: {where}.{name} has an unexpected shape or presence; not replaced")
         ours._parameters[name] = param
