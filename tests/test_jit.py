@@ -81,6 +81,30 @@ def test_trace_backward(one_thread):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_trace_keeps_a_causal_pattern_mask_an_input(one_thread):
+    """A user mask equal to the causal pattern at trace time stays a mask input of the trace (eager
+    turns it into the causal flag; a trace must not bake that in)."""
+    torch.manual_seed(0)
+    module = MultiheadAttention(E, H).eval()
+
+    class Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, mask):
+            return self.module(x, x, x, attn_mask=mask)
+
+    call = Call()
+    x = torch.randn(2, 6, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(call, (x, torch.ones(6, 6, dtype=torch.bool).triu(1)), check_trace=False)
+    other = torch.rand(6, 6) < 0.3
+    for a, b in zip(traced(x, other), call(x, other)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_script_fails_with_our_error(nested):
     module = MultiheadAttention(E, H)
