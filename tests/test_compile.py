@@ -179,6 +179,26 @@ def test_dropout_in_graph_seed(one_thread, need_weights):
     assert counter.frame_count == 1
 
 
+def test_windowed_backend_static_compile(one_thread):
+    """With static shapes (dynamic=False) the windowed backend serves a long sliding window: one
+    graph, no break (its band masks are built in the graph, not taken from the eager cache)."""
+    from multihead.attend import choose, windowed
+
+    torch.manual_seed(0)
+    module = MultiheadAttention(E, H, window=(8, 0)).eval()
+    x = torch.randn(1, 256, E)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], module(x, x, x, need_weights=False)[0])
+    assert counter.frame_count == 1
+    from multihead.masks import AttentionMask
+
+    q = torch.randn(1, H, 256, D)
+    assert choose(q, q, q, AttentionMask(1, H, 256, 256, causal=True, window=(8, 0)), need_weights=False) is windowed
+
+
 def test_kv_cache_decode_weights(one_thread):
     """A KV-cache step with weights (the custom op on a cache's dense mask): one graph for the decode
     steps, matching eager."""

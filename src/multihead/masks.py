@@ -169,8 +169,9 @@ def _causal_pattern(q_len: int, k_len: int, device: torch.device) -> Tensor:
 
 def _is_causal_pattern(mask: Tensor) -> bool:
     """Is this 2-D user mask exactly the top-left causal pattern? Costs one comparison pass; skipped
-    under torch.compile (value-dependent) and for non-CPU masks (would sync the device)."""
-    if torch.compiler.is_compiling() or mask.device.type != "cpu" or mask.requires_grad:
+    under torch.compile / torch.export and torch.jit.trace (value-dependent: a trace would bake the
+    answer in) and for non-CPU masks (would sync the device)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or mask.device.type != "cpu" or mask.requires_grad:
         return False
     pattern = _causal_pattern(mask.shape[0], mask.shape[1], mask.device)
     if mask.dtype == torch.bool:

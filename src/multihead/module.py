@@ -12,7 +12,7 @@ check that tells torch's module and ours apart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -290,6 +290,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         from .explain import explain_call
 
         return explain_call(self, query, key, value, **forward_kwargs)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        """torch.jit.script calls this before compiling a module (also for one nested in a model):
+        fail at once, saying what to use instead, rather than deep in TorchScript's parser."""
+        raise TypeError(
+            "multihead.MultiheadAttention does not support torch.jit.script: TorchScript cannot compile the "
+            "Python it is written in (dataclasses, `X | None` annotations, backends chosen per call). Use "
+            "torch.compile(model) to speed it up, torch.export.export(model, args) or "
+            "torch.onnx.export(model, args, dynamo=True) to deploy it, or torch.jit.trace(model, example_inputs) "
+            "if you need a TorchScript module."
+        )
 
     # ---- conversion ------------------------------------------------------------------------
     @classmethod
