@@ -125,7 +125,7 @@ def choose_tiles(
     row_bytes = max(1, heads * k_len * max(itemsize, 4))  # one query row, every head
     rows = max(16, budget // row_bytes)
     pieces = math.ceil(2 * workers / max(batch, 1))  # tiles per batch element that keep every worker busy
-    if pieces > 1:
+    if workers > 1 and pieces > 1:
         rows = min(rows, max(16, math.ceil(q_len / pieces)))
     if rows < q_len:
         return 1, math.ceil(q_len / math.ceil(q_len / rows))
