@@ -11,7 +11,14 @@ Both modules in train mode with dropout 0 under `torch.no_grad()` (DESIGN.md's f
 Layer inputs are random (B, prompt + tokens, E) rows, fed one per step. Reports ms per generated
 token for each, and torch / ours.
 
+(c) `--torchtune` (scenario `decode_torchtune`): per token against torchtune 0.6.1's
+    `MultiHeadAttention` + `KVCache` (its own cache, max_seq_len = prompt + tokens, bias=False, eager),
+    the same weights and interleaved RoPE pairs on both sides (outputs checked equal), paired rounds,
+    and a profiled breakdown of each variant's step. torchtune is imported lazily, only here
+    (`pip install torchtune==0.6.1 --no-deps`; nothing else is needed, see `load_torchtune`).
+
     python -m multihead.benchmarks.decode [--tokens 1024] [--no-compile] [--baseline-stride 8]   # prints JSON
+    python -m multihead.benchmarks.decode --torchtune [--rounds 5] [--threads 2]                # + a table
 """
 
 from __future__ import annotations
