@@ -80,33 +80,42 @@ def test_a_small_shared_l3_lowers_the_budget():
 
 @pytest.mark.parametrize("threads", [1, 2, 16])
 @pytest.mark.parametrize(
-    "shape",  # (B, H, L, S): the issue's scenarios, one huge and one that fits a tile
-    [(2, 8, 2048, 2048), (1, 8, 4096, 4096), (4, 8, 1024, 1024), (64, 16, 128, 128), (1, 2, 10, 10)],
-)
+    "shape",  # (B, H, Hkv, L, S): the issue's scenarios, GQA, many short sequences, one that fits a tile
+    [(2, 8, 8, 2048, 2048), (1, 8, 8, 4096, 4096), (4, 8, 8, 1024, 1024), (1, 8, 2, 4096, 4096),
+     (64, 16, 16, 128, 128), (1, 2, 2, 10, 10)],
+)  # fmt: skip
 def test_tiles_hold_their_memory_bound(machine, monkeypatch, shape, threads):
-    """The scores in flight (one tile per worker) stay within workers x the per-tile budget (or one
-    16-row tile, the least a tile holds), far below the B*H*L*S of the whole call; the tiles cover
-    every query row; with workers there are two tiles per worker whenever 16-row tiles allow."""
+    """The scores in flight (one tile per worker) stay within workers x the larger of the per-tile
+    budget and the K/V-amortizing rows (capped at KV_AMORTIZE_MAX_BYTES), or one 16-row tile, the
+    least a tile holds: far below the B*H*L*S of the whole call; the tiles cover every query row; with
+    workers there are two tiles per worker whenever 16-row tiles allow."""
     name, topo = machine
     monkeypatch.setattr(hardware, "_topology", topo)
     monkeypatch.setattr(blockwise, "BLOCK_BYTES", None)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    B, H, L, S = shape
-    batches, rows = blockwise.choose_tiles(B, H, L, S, 4, CPU)
+    B, H, Hkv, L, S = shape
+    D = 64
+    batches, rows = blockwise.choose_tiles(B, H, L, S, 4, CPU, kv_heads=Hkv, head_dim=D)
     workers = blockwise._parallel_share(B * H * L * S, CPU)
-    tile_bytes = batches * rows * H * S * 4
+    row_bytes = H * S * 4
+    tile_bytes = batches * rows * row_bytes
     budget = hardware.tile_budget_bytes(topo)
     assert blockwise.tile_budget_bytes(CPU) == budget
-    assert tile_bytes <= max(budget, 16 * H * S * 4)
-    assert workers * tile_bytes <= workers * max(budget, 16 * H * S * 4) <= threads * 8 * MiB
+    kv_tile = min(2 * Hkv * D / H * row_bytes, blockwise.KV_AMORTIZE_MAX_BYTES)
+    bound = max(budget, kv_tile, 16 * row_bytes)
+    assert tile_bytes <= bound + row_bytes  # (+1 row: rows are evened out by rounding up)
+    assert workers * bound <= threads * max(16 * MiB, 16 * row_bytes)
     assert 1 <= rows <= max(L, 1) and 1 <= batches <= B
     if batches > 1:
         assert rows == L  # several batch elements only with whole sequences
     tiles = math.ceil(B / batches) * math.ceil(L / rows)
-    if B * H * L * S * 4 > budget:
+    if B * H * L * S * 4 > bound:
         assert tiles > 1
     if workers > 1 and B * L >= 2 * workers * 16:
         assert tiles >= 2 * workers
+    # without K/V information only the budget (or 16 rows) counts
+    batches, rows = blockwise.choose_tiles(B, H, L, S, 4, CPU)
+    assert batches * rows * row_bytes <= max(budget, 16 * row_bytes) + row_bytes
 
 
 def test_block_bytes_still_overrides(monkeypatch):

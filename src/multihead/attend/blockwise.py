@@ -109,7 +109,7 @@ def make_plan(
     B, H, L, _ = q.shape
     S = k.shape[2]
     if block_rows is None:
-        batches, rows = choose_tiles(B, H, L, S, q.element_size(), q.device)
+        batches, rows = choose_tiles(B, H, L, S, q.element_size(), q.device, kv_heads=k.shape[1], head_dim=q.shape[3])
     elif block_rows < 1:
         raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
     else:
@@ -129,20 +129,38 @@ def tile_budget_bytes(device: torch.device | str = "cpu") -> int:
     return hardware.tile_budget_bytes(hardware.topology(), device)
 
 
+#: A tile also reads its keys and values (2*Hkv*s*D elements): at long key lengths they, not the
+#: scores, are what streams through the cache, so a tile takes at least as many rows as make its
+#: scores as large as that K/V slice (with D=64, H=Hkv: 128 rows), up to this many bytes of scores.
+KV_AMORTIZE_MAX_BYTES = 16 * 2**20
+
+
 def choose_tiles(
-    batch: int, heads: int, q_len: int, k_len: int, itemsize: int, device: torch.device
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    itemsize: int,
+    device: torch.device,
+    *,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
 ) -> tuple[int, int]:
     """(batch elements, query rows) per tile. Each tile holds at most one core's tile budget of
-    scores (a `BLOCK_BYTES` override is shared by the workers instead), and when workers share the
-    call there are at least two tiles per worker where 16-row tiles allow it. Rows of one batch
-    element while a whole sequence does not fit (at least 16 rows, evened out so the last tile is not
-    tiny); else whole sequences of several."""
+    scores (a `BLOCK_BYTES` override is shared by the workers instead), or, given `kv_heads` and
+    `head_dim`, the rows whose scores match the K/V slice the tile reads (see `KV_AMORTIZE_MAX_BYTES`);
+    when workers share the call there are at least two tiles per worker where 16-row tiles allow it.
+    Rows of one batch element while a whole sequence does not fit (at least 16 rows, evened out so
+    the last tile is not tiny); else whole sequences of several."""
     workers = _parallel_share(batch * heads * q_len * k_len, device)
     budget = BLOCK_BYTES // workers if BLOCK_BYTES is not None else tile_budget_bytes(device)
     row_bytes = max(1, heads * k_len * max(itemsize, 4))  # one query row, every head
     rows = max(16, budget // row_bytes)
+    if BLOCK_BYTES is None and kv_heads and head_dim:
+        kv_rows = math.ceil(2 * kv_heads * head_dim / heads)  # rows * H * s = 2 * Hkv * s * D
+        rows = max(rows, min(kv_rows, KV_AMORTIZE_MAX_BYTES // row_bytes))
     pieces = math.ceil(2 * workers / max(batch, 1))  # tiles per batch element that keep every worker busy
-    if pieces > 1:
+    if workers > 1 and pieces > 1:
         rows = min(rows, max(16, math.ceil(q_len / pieces)))
     if rows < q_len:
         return 1, math.ceil(q_len / math.ceil(q_len / rows))

@@ -338,7 +338,8 @@ def tiles(case: Case) -> dict:
     from multihead.attend import blockwise
 
     B, L, H = case.batch, case.length, case.heads
-    batches, rows = blockwise.choose_tiles(B, H, L, L, 4, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    batches, rows = blockwise.choose_tiles(B, H, L, L, 4, cpu, kv_heads=H, head_dim=case.embed_dim // H)
     workers = blockwise._parallel_share(B * H * L * L, torch.device("cpu"))
     return {
         "batches": batches,

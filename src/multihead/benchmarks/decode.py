@@ -11,7 +11,14 @@ Both modules in train mode with dropout 0 under `torch.no_grad()` (DESIGN.md's f
 Layer inputs are random (B, prompt + tokens, E) rows, fed one per step. Reports ms per generated
 token for each, and torch / ours.
 
+(c) `--torchtune` (scenario `decode_torchtune`): per token against torchtune 0.6.1's
+    `MultiHeadAttention` + `KVCache` (its own cache, max_seq_len = prompt + tokens, bias=False, eager),
+    the same weights and interleaved RoPE pairs on both sides (outputs checked equal), paired rounds,
+    and a profiled breakdown of each variant's step. torchtune is imported lazily, only here
+    (`pip install torchtune==0.6.1 --no-deps`; nothing else is needed, see `load_torchtune`).
+
     python -m multihead.benchmarks.decode [--tokens 1024] [--no-compile] [--baseline-stride 8]   # prints JSON
+    python -m multihead.benchmarks.decode --torchtune [--rounds 5] [--threads 2]                # + a table
 """
 
 from __future__ import annotations
@@ -267,20 +274,20 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
         pos = positions[:, t0:t1]
         return theirs(x[:, t0:t1], x[:, t0:t1], mask=causal[None, t0:t1], input_pos=pos)
 
-    def decode(name: str) -> tuple[list[torch.Tensor], float]:
-        """Prefill the prompt, then decode token by token; returns the outputs and the seconds the
-        `tokens` decode steps took (the prefill is not timed)."""
+    def decode(name: str, end: int = total) -> tuple[list[torch.Tensor], float]:
+        """Prefill the prompt, then decode token by token up to `end`; returns the outputs and the
+        seconds the decode steps took (the prefill is not timed)."""
         if name == "torchtune":
             theirs.reset_cache()
             rows = [tt_step(0, prompt)]
             t0 = time.perf_counter()
-            rows += [tt_step(t, t + 1) for t in range(prompt, total)]
+            rows += [tt_step(t, t + 1) for t in range(prompt, end)]
             return rows, time.perf_counter() - t0
         caches[name].reset()
         rows = [_step(ours, caches[name])(x[:, :prompt])]  # prefill eager
         step = steps[name]
         t0 = time.perf_counter()
-        rows += [step(x[:, t : t + 1]) for t in range(prompt, total)]
+        rows += [step(x[:, t : t + 1]) for t in range(prompt, end)]
         return rows, time.perf_counter() - t0
 
     result: dict = {
@@ -309,7 +316,9 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
             loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 per_token[name].append(1e3 * decode(name)[1] / tokens)
-        breakdown = {name: _profile(name, decode, tokens) for name in names} if profile else {}
+        # profiled: the first 128 steps (the profiler's bookkeeping over 1024 steps takes minutes)
+        sample = min(tokens, 128)
+        breakdown = {name: _profile(name, decode, prompt + sample, sample) for name in names} if profile else {}
 
     def paired(a: str, b: str) -> dict:
         ratios = [x / y for x, y in zip(per_token[a], per_token[b])]
@@ -327,14 +336,14 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
     return result
 
 
-def _profile(name: str, decode, tokens: int) -> dict:
-    """One full decode of `name` under torch.profiler: ms per token of the decode steps, and the ops
-    that take most self CPU time in microseconds per token (the prefill's share is small; what is
-    not in an op is Python, dispatch and, compiled, the guards)."""
+def _profile(name: str, decode, end: int, tokens: int) -> dict:
+    """A decode of `name` up to position `end` (`tokens` steps after the prefill) under torch.profiler:
+    ms per token, and the ops that take most self CPU time in microseconds per token (the prefill is
+    one call among them; what is not in an op is Python, dispatch and, compiled, the guards)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds = decode(name)[1]
+        seconds = decode(name, end)[1]
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     in_ops = sum(e.self_cpu_time_total for e in ops) / tokens
     return {
