@@ -210,8 +210,9 @@ def not_supported_reasons(
 
 def serves(query: Tensor, mask: AttentionMask, backend: str | None, has_bias_kv: bool, add_zero_attn: bool) -> bool:
     """Whether `packed_attention` takes this dense call (see `not_supported_reasons`)."""
-    if mask.key_padding is None:  # the common case, decided without a call
-        return False
+    kp = mask.key_padding
+    if kp is None or kp.dtype != torch.bool or mask.batch * mask.q_len * mask.k_len < PACK_MIN_ELEMENTS:
+        return False  # the common cases, decided without building reasons (small calls stay cheap)
     return not not_supported_reasons(
         query, mask, backend=backend, has_bias_kv=has_bias_kv, add_zero_attn=add_zero_attn, kv_cache=None
     )
