@@ -216,6 +216,12 @@ def test_sequence_without_keys_gives_zero_attention(side, always_pack):
     keep = [0, 2]
     torch.testing.assert_close(out[keep], t_out[keep])
     torch.testing.assert_close(attn[keep], t_attn[keep])
+    # every key of the batch padded
+    out, attn, grads = run(ours, [x], {"key_padding_mask": torch.ones(3, 6, dtype=torch.bool)}, torch.float32)
+    torch.testing.assert_close(out, ours.out_proj.bias.expand(3, 6, E), rtol=0, atol=0)
+    assert (attn == 0).all()
+    assert grads["input0"] is None  # nothing is attended: the output does not depend on the input
+    assert all(torch.isfinite(g).all() for n, g in grads.items() if n != "input0")
 
 
 def test_dropout_weights_are_the_ones_applied(always_pack):

@@ -75,11 +75,11 @@ def multi_head_attention(
     """
     num_kv_heads = num_kv_heads or num_heads
     if varlen.is_nested(query, key, value):  # ---- nested tensors: padded, attended, nested again (varlen.py)
-        nested_args = dict(num_kv_heads=num_kv_heads, is_causal=is_causal, dropout_p=dropout_p, rotary=rotary)
-        nested_args |= dict(add_zero_attn=add_zero_attn, backend=backend, window=window)
         return varlen.nested_attention(
-            query, key, value, weights, num_heads=num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            need_weights=need_weights, average_attn_weights=average_attn_weights, kv_cache=kv_cache, **nested_args,
+            query, key, value, weights, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal, dropout_p=dropout_p,
+            add_zero_attn=add_zero_attn, backend=backend, rotary=rotary, window=window, kv_cache=kv_cache,
         )  # fmt: skip
     embed_dim = weights.out_proj_weight.shape[0]
     head_dim = embed_dim // num_heads

@@ -210,8 +210,9 @@ def not_supported_reasons(
 
 def serves(query: Tensor, mask: AttentionMask, backend: str | None, has_bias_kv: bool, add_zero_attn: bool) -> bool:
     """Whether `packed_attention` takes this dense call (see `not_supported_reasons`)."""
-    if mask.key_padding is None:  # the common case, decided without a call
-        return False
+    kp = mask.key_padding
+    if kp is None or kp.dtype != torch.bool or mask.batch * mask.q_len * mask.k_len < PACK_MIN_ELEMENTS:
+        return False  # the common cases, decided without building reasons (small calls stay cheap)
     return not not_supported_reasons(
         query, mask, backend=backend, has_bias_kv=has_bias_kv, add_zero_attn=add_zero_attn, kv_cache=None
     )
@@ -257,13 +258,13 @@ def packed_attention(
     # ---- projections: every query row, only the valid keys ----
     w_q, w_k, w_v, b_q, b_k, b_v = _split_weights(weights, E, kv_dim)
     q = F.linear(query, w_q, b_q)  # (B, L, E)
-    keys = key[rows, cols]  # (T, kdim): the valid tokens, packed
+    keys = _pack(key, rows, cols, spans, counts)  # (T, kdim): the valid tokens, packed
     if shared in ("qkv", "kv"):  # one matmul for key and value
         w_kv = torch.cat([w_k, w_v]) if weights.in_proj_weight is None else weights.in_proj_weight[E:]
         b_kv = None if b_k is None else torch.cat([b_k, b_v])
         k, v = F.linear(keys, w_kv, b_kv).split([kv_dim, kv_dim], dim=-1)  # (T, Hkv*D) x2
     else:
-        k, v = F.linear(keys, w_k, b_k), F.linear(value[rows, cols], w_v, b_v)
+        k, v = F.linear(keys, w_k, b_k), F.linear(_pack(value, rows, cols, spans, counts), w_v, b_v)
     q = q.unflatten(-1, (num_heads, D)).transpose(1, 2)  # (B, H, L, D)
     k = k.unflatten(-1, (num_kv_heads, D)).transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, D)
     v = v.unflatten(-1, (num_kv_heads, D)).transpose(0, 1).unsqueeze(0)
@@ -285,6 +286,14 @@ def packed_attention(
     if not batched:
         return out.squeeze(1), attn.squeeze(0) if attn is not None else None  # (L, E)
     return (out.transpose(0, 1) if batch_first else out), attn
+
+
+def _pack(x: Tensor, rows: Tensor, cols: Tensor, spans: list[tuple[int, int] | None], counts: list[int]) -> Tensor:
+    """The valid rows of x (B, S, F) packed to (T, F): slices when every sequence's keys are
+    contiguous (a cheap backward), one gather otherwise."""
+    if any(counts) and all(span is not None or n == 0 for span, n in zip(spans, counts)):
+        return torch.cat([x[b, span[0] : span[1]] for b, span in enumerate(spans) if span is not None])
+    return x[rows, cols]
 
 
 def _per_sequence(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -204,13 +205,14 @@ def threshold_sweep(threads: int | None = None, quick: bool = False, train: bool
     return out
 
 
+# partials keep run's signature, so bench.py passes threads and quick
 SCENARIOS = {
-    "varlen_uniform_forward": lambda **kw: run("uniform", train=False, **kw),
-    "varlen_uniform_train": lambda **kw: run("uniform", train=True, **kw),
-    "varlen_half_forward": lambda **kw: run("half", train=False, **kw),
-    "varlen_half_train": lambda **kw: run("half", train=True, **kw),
-    "varlen_small_forward": lambda **kw: run("small", train=False, **kw),
-    "varlen_small_train": lambda **kw: run("small", train=True, **kw),
+    "varlen_uniform_forward": functools.partial(run, "uniform", train=False),
+    "varlen_uniform_train": functools.partial(run, "uniform", train=True),
+    "varlen_half_forward": functools.partial(run, "half", train=False),
+    "varlen_half_train": functools.partial(run, "half", train=True),
+    "varlen_small_forward": functools.partial(run, "small", train=False),
+    "varlen_small_train": functools.partial(run, "small", train=True),
     "varlen_threshold": threshold_sweep,
 }
 
