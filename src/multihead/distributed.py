@@ -19,7 +19,9 @@ are full (replicated); `out_proj` is split by columns and summed with one all-re
 The CPU flash op's quirks are guarded in one place, `_block_forward`/`_block_backward`: a query row
 that sees no key gets log-sum-exp 0 from it (we set -inf), a -inf log-sum-exp fed to its backward gives
 NaN (we pass 0: such a row's probabilities are exp(-inf - 0) = 0 anyway), and a zero-length block kills
-the process (empty blocks are skipped before the call).
+the process (empty blocks are skipped before the call). On other devices (CUDA) the block kernel is
+plain math in the accumulation dtype, materialising one (n, m) chunk pair of scores at a time; it is
+tested on CPU (`_force_math`), not on a GPU.
 
 Notation: B batch, L query length, S key length, E embed dim, H heads, Hkv key/value heads, D head
 dim, W ranks, n/m a rank's (or a chunk's) query/key length.
