@@ -413,43 +413,43 @@ def _fsdp(targets):
 _blocks = lambda net: [net[0], net[1]]  # noqa: E731
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def fsdp2_per_block(rank, world, device):
     _data_parallel_case(rank, world, device, _fsdp(_blocks))
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def fsdp2_on_attention(rank, world, device):
     _data_parallel_case(rank, world, device, _fsdp(lambda net: [net[0].attn, net[1].attn]))
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def fsdp2_on_out_proj(rank, world, device):
     if not _out_proj_hooks_fire():
         raise _Missing("the module calls F.linear on out_proj.weight, so out_proj's FSDP hooks never fire")
     _data_parallel_case(rank, world, device, _fsdp(lambda net: [net[0].attn.out_proj, net[1].attn.out_proj]))
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def fsdp2_inplace_on_output(rank, world, device):
     if _output_is_view():
         raise _Missing("the returned output is a view; an in-place op on it breaks FSDP2's backward")
     _data_parallel_case(rank, world, device, _fsdp(_blocks), inplace=True)
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def fsdp2_checkpoint(rank, world, device):
     _data_parallel_case(rank, world, device, _fsdp(_blocks), checkpoint=True)
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def ddp(rank, world, device):
     from torch.nn.parallel import DistributedDataParallel
 
     _data_parallel_case(rank, world, device, DistributedDataParallel)
 
 
-@check(worlds=(2,))
+@check(worlds=(2,), cuda=False)
 def ddp_checkpoint_inplace(rank, world, device):
     from torch.nn.parallel import DistributedDataParallel
 

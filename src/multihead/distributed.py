@@ -19,7 +19,9 @@ are full (replicated); `out_proj` is split by columns and summed with one all-re
 The CPU flash op's quirks are guarded in one place, `_block_forward`/`_block_backward`: a query row
 that sees no key gets log-sum-exp 0 from it (we set -inf), a -inf log-sum-exp fed to its backward gives
 NaN (we pass 0: such a row's probabilities are exp(-inf - 0) = 0 anyway), and a zero-length block kills
-the process (empty blocks are skipped before the call).
+the process (empty blocks are skipped before the call). On other devices (CUDA) the block kernel is
+plain math in the accumulation dtype, materialising one (n, m) chunk pair of scores at a time; it is
+tested on CPU (`_force_math`), not on a GPU.
 
 Notation: B batch, L query length, S key length, E embed dim, H heads, Hkv key/value heads, D head
 dim, W ranks, n/m a rank's (or a chunk's) query/key length.
@@ -317,17 +319,25 @@ def _pad_keys(x: Tensor, length: int) -> Tensor:
 
 
 class _RingAttention(torch.autograd.Function):
-    """q (B, H, n, D) local queries; k/v (B, Hkv, m, D) local keys -> out (B, H, n, D)."""
+    """q (B, H, n, D) local queries; k/v (B, Hkv, m, D) local keys -> out (B, H, n, D).
+
+    Memory, in units of this rank's (B, n, E) activation: saved for backward are q (1, a copy, so the
+    fused projection output is freed), the stacked k/v that starts the ring (2 with full heads) and
+    out (1, laid out (B, n, H, D) so the output projection reads it without a copy). The forward
+    overlaps each transfer with the block in hand (two kv buffers). The backward does not overlap:
+    it computes, then passes kv and the travelling dK/dV accumulator on, one after the other, so it
+    holds one spare buffer at a time (transfers are a few % of a step on CPU; memory is the point)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> Tensor:
         acc = _acc_dtype(q.dtype)
-        out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, n, D)
+        batch, heads, n, dim = q.shape
+        out_acc = torch.zeros(batch, n, heads, dim, dtype=acc, device=q.device).transpose(1, 2)  # (B, H, n, D)
         # (B, H, n): in float64, cheap at this size, so the merged lse rounds once (to `acc`), not per merge:
         # the backward's p = exp(s - lse) carries any error of lse, scaled by nothing
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)
-        kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
-        spare = None
+        own = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
+        kv, spare = own, None
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
             if step < ring.world - 1:
@@ -341,32 +351,23 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out_acc[:, :, rows], lse_acc[:, :, rows], out_b, lse_b)
             if step < ring.world - 1:
                 _wait(works)
-                spare, kv = kv, incoming  # the block just sent is free: the next receive lands there
+                # the block just sent is free (the next receive lands there), unless it is our own
+                spare, kv = (None if kv is own else kv), incoming
         out = out_acc.to(q.dtype)
-        ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse_acc.to(acc))
+        ctx.ring, ctx.m = ring, k.shape[2]
+        ctx.save_for_backward(q.contiguous(), own, out, lse_acc.to(acc))
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, kv, out, lse = ctx.saved_tensors
         ring: _Ring = ctx.ring
         acc = lse.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack([_pad_keys(k, ring.block_len), _pad_keys(v, ring.block_len)])  # (2, B, Hkv, M, D)
-        # the block in hand's dK/dV, accumulated by the ranks that held it before; two buffers take
-        # turns (one travelling, one being filled), so the ring holds two of kv and two of dkv
+        # the block in hand's dK/dV, accumulated by the ranks that held it before
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, Hkv, M, D)
-        spare_kv = spare_dkv = None
-        incoming_dkv = dkv  # replaced by the first receive (step 0 fills `dkv` itself)
-        dkv_works: tuple = ()
         for step in range(ring.world):
             source = (ring.rank - step) % ring.world
-            if step < ring.world - 1:
-                incoming, works = _exchange(ring, kv, spare_kv)
-            if step > 0:  # what the previous rank accumulated on this block (sent while we computed)
-                _wait(dkv_works)
-                spare_dkv, dkv = dkv, incoming_dkv
             for p in ring.pairs[source]:
                 rows = slice(p.q0, p.q0 + p.n)
                 keys = slice(p.k0, p.k0 + p.m)
@@ -379,15 +380,18 @@ class _RingAttention(torch.autograd.Function):
                 dkv[1, :, :, keys] += dv_b
                 del dq_b, dk_b, dv_b
             if ring.world > 1:  # pass the accumulator on; after the last step it arrives home
-                incoming_dkv, dkv_works = _exchange(ring, dkv, spare_dkv)
+                dkv = _swap(ring, dkv)
             if step < ring.world - 1:
-                _wait(works)
-                spare_kv, kv = kv, incoming
-        if ring.world > 1:
-            _wait(dkv_works)
-            dkv = incoming_dkv
-        m = k.shape[2]
-        return dq.to(q.dtype), dkv[0, :, :, :m].to(k.dtype), dkv[1, :, :, :m].to(v.dtype), None
+                kv = _swap(ring, kv)
+        m = ctx.m
+        return dq.to(q.dtype), dkv[0, :, :, :m].to(kv.dtype), dkv[1, :, :, :m].to(kv.dtype), None
+
+
+def _swap(ring: _Ring, send: Tensor) -> Tensor:
+    """Send `send` to the next rank, receive the previous rank's; blocking."""
+    recv, pending = _exchange(ring, send)
+    _wait(pending)
+    return recv
 
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
@@ -526,7 +530,7 @@ class ContextParallel(nn.Module):
         )
         out = _RingAttention.apply(q, k, v, ring)  # (B, H, n, D)
         if mod.batch_first:
-            out = out.transpose(1, 2).reshape(batch, n, mod.embed_dim)  # (B, n, E)
+            out = out.transpose(1, 2).reshape(batch, n, mod.embed_dim)  # (B, n, E), a view of the ring's output
         else:
             out = out.permute(2, 0, 1, 3).reshape(n, batch, mod.embed_dim)  # (n, B, E)
         return mod.out_proj(out), None  # called as a module: its hooks (FSDP2 on out_proj) fire

@@ -9,7 +9,10 @@ Each run is its own fresh process (spawned), with `threads` threads per process.
 peak memory of one step (increase of VmHWM over the resident size just before the step, Linux), the
 median time per step with its spread, and for the ranks the share of the step spent launching and
 waiting for ring transfers (`multihead.distributed.comm_seconds`). Runs alternate single / ring for
-`rounds` rounds; the memory ratio is per-rank peak / single peak.
+`rounds` rounds; the memory ratio is per-rank peak / single peak. Every process runs with glibc's
+mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so freed tensors go back to the system
+and the peak counts live tensors, not heap growth (with glibc's dynamic threshold, freed blocks
+up to 32 MiB stay in the heap and the count depends on the allocation order; `--default-malloc`).
 
 On a machine with fewer free cores than W * threads the ranks share cores, so no speedup can show;
 the memory ratio and the communication share are what such a machine measures.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import socket
 import statistics
 import time
@@ -84,6 +88,8 @@ def _run(rank: int, world: int, port: int | None, cfg: dict, queue) -> None:
 
 
 def _spawn(world: int, cfg: dict) -> list[dict]:
+    if not cfg.get("default_malloc"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by each spawned process's glibc at start
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     nprocs = max(world, 1)
@@ -94,11 +100,11 @@ def _spawn(world: int, cfg: dict) -> list[dict]:
 
 def distributed_benchmark(
     L: int = 8192, B: int = 1, E: int = 512, H: int = 8, world: int = 2, steps: int = 3, rounds: int = 2,
-    threads: int = 1, quick: bool = False,
+    threads: int = 1, quick: bool = False, default_malloc: bool = False,
 ) -> dict:  # fmt: skip
     if quick:
         L, steps, rounds = 1024, 2, 1
-    cfg = {"L": L, "B": B, "E": E, "H": H, "steps": steps, "threads": threads}
+    cfg = {"L": L, "B": B, "E": E, "H": H, "steps": steps, "threads": threads, "default_malloc": default_malloc}
     single: list[dict] = []
     ring: list[list[dict]] = []
     for _ in range(rounds):  # alternate, so drifting machine load hits both
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold dynamic")
     args = parser.parse_args(argv)
     result = distributed_benchmark(**vars(args))
     print(json.dumps(result, indent=2))
