@@ -16,13 +16,13 @@ from torch import Tensor
 from ..masks import AttentionMask
 from . import blockwise, reference, sdpa, triton, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, triton, blockwise, reference)}
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, blockwise, reference)}
+# backends for CUDA tensors only: dispatch offers them nothing else; forced by name they serve what
+# they declare (the triton backend: CPU tensors under TRITON_INTERPRET=1, for tests)
+GPU_BACKENDS: dict[str, ModuleType] = {triton.name: triton}
 # first that serves wins: windowed only takes sliding windows that pay; sdpa everything without
-# weights; triton weights on CUDA (CPU tensors only under TRITON_INTERPRET=1, for tests); blockwise
-# everything with weights; reference is the oracle
+# weights; triton weights on CUDA; blockwise everything with weights; reference is the oracle
 PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "triton", "blockwise", "reference")
-# backends that dispatch offers only tensors on these devices (elsewhere they serve only when forced)
-AUTO_DEVICES: dict[str, tuple[str, ...]] = {"triton": ("cuda",)}
 
 
 def choose(
@@ -32,11 +32,11 @@ def choose(
     names = PRIORITY if backend is None else (backend,)
     reasons: dict[str, list[str]] = {}
     for name in names:
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+        if name not in BACKENDS and name not in GPU_BACKENDS:
+            raise ValueError(f"backend must be one of {sorted({**BACKENDS, **GPU_BACKENDS})} or None, got {name!r}")
         why = _reasons(name, q, k, v, mask, need_weights=need_weights, forced=backend is not None)
         if not why:
-            return BACKENDS[name]
+            return BACKENDS.get(name) or GPU_BACKENDS[name]
         reasons[name] = why
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
     raise ValueError(f"no attention backend can serve this call ({detail})")
@@ -50,7 +50,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weight
 def _reasons(
     name: str, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool, forced: bool
 ) -> list[str]:
-    devices = AUTO_DEVICES.get(name)
-    if not forced and devices is not None and q.device.type not in devices:
-        return [f"chosen only for {'/'.join(devices)} tensors, got {q.device.type} (force it with backend={name!r})"]
+    if name in GPU_BACKENDS:
+        if not forced and q.device.type != "cuda":
+            return [f"chosen only for CUDA tensors, got {q.device.type} (force it with backend={name!r})"]
+        return GPU_BACKENDS[name].not_supported_reasons(q, k, v, mask, need_weights=need_weights)
     return BACKENDS[name].not_supported_reasons(q, k, v, mask, need_weights=need_weights)

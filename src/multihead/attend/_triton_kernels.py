@@ -28,7 +28,8 @@ def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b accumulated in ACC. UPCAST (bfloat16 under the interpreter, whose bfloat16 dot is wrong):
     the same products in float32, exact for bfloat16 operands."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 

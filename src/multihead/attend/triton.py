@@ -202,9 +202,11 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, lis
         plan.keep_scale,
     ]
     tl = importlib.import_module("triton.language")
-    precision = "ieee"  # float32 products as torch's matmul makes them, unless it allows TF32
-    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
+    # float32 products as torch's matmul makes them (IEEE unless it allows TF32); for 16-bit inputs
+    # the setting does not apply (Triton's default)
+    precision = "tf32"
+    if q.dtype in (torch.float32, torch.float64) and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        precision = "ieee"
     constexprs = dict(
         D=D,
         BLOCK_D=max(16, 1 << (D - 1).bit_length()),
