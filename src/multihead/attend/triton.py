@@ -201,7 +201,6 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, lis
         plan.dropout_p,
         plan.keep_scale,
     ]
-    tl = importlib.import_module("triton.language")
     # float32 products as torch's matmul makes them (IEEE unless it allows TF32); for 16-bit inputs
     # the setting does not apply (Triton's default)
     precision = "tf32"
@@ -216,7 +215,6 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, lis
         DENSE=0 if dense is None else 1 if dense.dtype == torch.uint8 else 2,
         DROPOUT=plan.dropout_p > 0.0,
         PREC=precision,
-        ACC=tl.float64 if plan.acc == torch.float64 else tl.float32,
         UPCAST=q.dtype == torch.bfloat16 and interpreting(),
     )
     return pointers, scalars, constexprs
