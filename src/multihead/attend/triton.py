@@ -21,10 +21,10 @@ see the same mask and `torch.manual_seed` reproduces a run; the returned weights
 
 Serves CUDA tensors in float16, bfloat16 and float32 (float32 products in IEEE precision unless
 `torch.backends.cuda.matmul.allow_tf32`), head dim <= 256. Under `TRITON_INTERPRET=1` it also serves
-CPU tensors, in float64 too (tests: correctness and gradcheck on CPU); dispatch never picks it for
-CPU tensors otherwise. Not under torch.compile (the kernels are not registered as a custom op yet).
-Double backward (`create_graph=True`) recomputes with blockwise's differentiable tiles (not with
-dropout).
+CPU tensors, in float64 too (tests: correctness and gradcheck on CPU), when forced by name: dispatch
+picks it for CUDA tensors only. Not under torch.compile (the kernels are not registered as a custom
+op yet). Double backward (`create_graph=True`) recomputes with blockwise's differentiable tiles (not
+with dropout).
 
 Notation: B batch, H heads, Hkv kv heads, G = H // Hkv, L query length, S key length, D head dim.
 """
