@@ -30,10 +30,23 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """On CPU, Triton kernels run in its interpreter, which must be on before triton is imported."""
+    """On CPU, Triton kernels run in its interpreter (tests/test_triton.py turns it on for its tests),
+    and triton decides at import whether its own helpers are interpreted: import it now with the
+    interpreter on, then restore the setting, so no other test runs kernels in the interpreter."""
     config.addinivalue_line("markers", "cpu_too: a test in tests/test_cuda.py that also runs without --device cuda")
-    if config.getoption("--device") == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if config.getoption("--device") != "cpu" or "triton" in sys.modules:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 @pytest.fixture(scope="session")

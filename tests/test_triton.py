@@ -23,24 +23,31 @@ from multihead.masks import AttentionMask, build_mask
 
 from helpers import first_error, pair
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 NAMES = ("out", "weights", "dq", "dk", "dv")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def setup(request):
-    """CPU: the interpreter (tests/conftest.py turns it on before triton is imported) and 32 x 32 tiles
-    (restored after the module); CUDA: the compiled kernels and their own tiles."""
+    """CPU: Triton's interpreter on for this module (tests/conftest.py imported triton with it on, as
+    triton requires) and 32 x 32 tiles, both restored after; CUDA: the compiled kernels, their tiles."""
     if request.config.getoption("--device") == "cuda":
         yield
         return
-    if not triton_backend.interpreting():
-        pytest.skip("on CPU these tests need TRITON_INTERPRET=1 set before triton is imported")
-    saved = triton_backend.BLOCKS
-    triton_backend.BLOCKS = (32, 32)
-    yield
-    triton_backend.BLOCKS = saved
+    if not triton_interpreted():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1: its interpreter cannot run here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setattr(triton_backend, "BLOCKS", (32, 32))
+        yield
+
+
+def triton_interpreted() -> bool:
+    """Were triton's own jit helpers built for the interpreter (at its import)?"""
+    import triton.language as tl
+
+    return not isinstance(tl.zeros, triton.runtime.JITFunction)  # an InterpretedFunction
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -286,5 +293,6 @@ def test_declines_what_it_does_not_serve(device, monkeypatch):
     if device.type == "cpu":  # dispatch never picks it for CPU tensors; without the interpreter it declines
         assert backends.explain(q, k, v, mask, need_weights=True)["triton"]
         assert backends.choose(q, k, v, mask, need_weights=True).name == "blockwise"
+        assert backends.choose(q, k, v, mask, need_weights=True, backend="triton") is triton_backend
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert any("CUDA" in r for r in triton_backend.not_supported_reasons(q, k, v, mask, need_weights=True))

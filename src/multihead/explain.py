@@ -111,12 +111,10 @@ def explain_call(
 
     forced = module.backend is not None
     chosen = attend.choose(q, k, v, mask, need_weights=need_weights, backend=module.backend)
-    order = list(attend.PRIORITY)
     reasons = {}
-    for name in order:
+    for name, why in attend.explain(q, k, v, mask, need_weights=need_weights).items():
         if name == chosen.name:
             continue
-        why = attend.BACKENDS[name].not_supported_reasons(q, k, v, mask, need_weights=need_weights)
         if not why:  # it could serve: say why it does not
             why = [
                 f"could serve; backend forced to {chosen.name!r}"

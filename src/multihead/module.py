@@ -205,13 +205,13 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     @property
     def backend(self) -> str | None:
-        """The backend forced by name (see `multihead.attend.BACKENDS`), or None to let dispatch choose."""
+        """The backend forced by name (see `multihead.attend.names()`), or None to let dispatch choose."""
         return self._backend
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        if name is not None and name not in attend.BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(attend.BACKENDS)} or None, got {name!r}")
+        if name is not None:
+            attend.get(name)  # a clear error for an unknown name
         self._backend = name
 
     def projections(self) -> Projections:

@@ -28,7 +28,8 @@ def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b accumulated in ACC. UPCAST (bfloat16 under the interpreter, whose bfloat16 dot is wrong):
     the same products in float32, exact for bfloat16 operands."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
@@ -111,10 +112,10 @@ def _forward(
     H, G, L, S, offset, left, right, scale, seed, p_drop, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
-    DROPOUT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): out (BLOCK_M, D) and lse (BLOCK_M,) of one head."""
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32 (float64 for float64 inputs)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -166,11 +167,11 @@ def _weights(
     H, G, L, S, offset, left, right, scale, seed, p_drop, keep_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
-    DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), cdiv(S, BLOCK_N), B (AVERAGE) or B * H): one (BLOCK_M, BLOCK_N) tile of the
     weights, the mean over heads of P (after dropout) or one head's P."""
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32 (float64 for float64 inputs)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     z = tl.program_id(2)
@@ -222,11 +223,11 @@ def _backward_delta_w(
     H, G, L, S, offset, left, right, scale, seed, p_drop, keep_scale, dw_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
-    DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): Delta += rowsum(P_dropped * dW_h), with dW_h = dW[b] / H (AVERAGE)
     or dW[b, h]. Each program owns its rows (no atomics)."""
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32 (float64 for float64 inputs)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -272,11 +273,11 @@ def _backward_dkdv(
     H, G, L, S, offset, left, right, scale, seed, p_drop, keep_scale, dw_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dK, dV of one key tile, summed over the G query heads of the
     kv head and over every query tile the band lets see it."""
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32 (float64 for float64 inputs)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = H // G
@@ -349,10 +350,10 @@ def _backward_dq(
     H, G, L, S, offset, left, right, scale, seed, p_drop, keep_scale, dw_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KP: tl.constexpr, DENSE: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, AVERAGE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(L, BLOCK_M), B * H): dQ of one query tile of one head."""
+    ACC: tl.constexpr = Lse.dtype.element_ty  # float32 (float64 for float64 inputs)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -21,10 +21,10 @@ see the same mask and `torch.manual_seed` reproduces a run; the returned weights
 
 Serves CUDA tensors in float16, bfloat16 and float32 (float32 products in IEEE precision unless
 `torch.backends.cuda.matmul.allow_tf32`), head dim <= 256. Under `TRITON_INTERPRET=1` it also serves
-CPU tensors, in float64 too (tests: correctness and gradcheck on CPU); dispatch never picks it for
-CPU tensors otherwise. Not under torch.compile (the kernels are not registered as a custom op yet).
-Double backward (`create_graph=True`) recomputes with blockwise's differentiable tiles (not with
-dropout).
+CPU tensors, in float64 too (tests: correctness and gradcheck on CPU), when forced by name: dispatch
+picks it for CUDA tensors only. Not under torch.compile (the kernels are not registered as a custom
+op yet). Double backward (`create_graph=True`) recomputes with blockwise's differentiable tiles (not
+with dropout).
 
 Notation: B batch, H heads, Hkv kv heads, G = H // Hkv, L query length, S key length, D head dim.
 """
@@ -201,10 +201,11 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, lis
         plan.dropout_p,
         plan.keep_scale,
     ]
-    tl = importlib.import_module("triton.language")
-    precision = "ieee"  # float32 products as torch's matmul makes them, unless it allows TF32
-    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
+    # float32 products as torch's matmul makes them (IEEE unless it allows TF32); for 16-bit inputs
+    # the setting does not apply (Triton's default)
+    precision = "tf32"
+    if q.dtype in (torch.float32, torch.float64) and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        precision = "ieee"
     constexprs = dict(
         D=D,
         BLOCK_D=max(16, 1 << (D - 1).bit_length()),
@@ -214,7 +215,6 @@ def _common(q: Tensor, k: Tensor, plan: _Plan, dummy: Tensor) -> tuple[list, lis
         DENSE=0 if dense is None else 1 if dense.dtype == torch.uint8 else 2,
         DROPOUT=plan.dropout_p > 0.0,
         PREC=precision,
-        ACC=tl.float64 if plan.acc == torch.float64 else tl.float32,
         UPCAST=q.dtype == torch.bfloat16 and interpreting(),
     )
     return pointers, scalars, constexprs
