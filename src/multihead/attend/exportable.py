@@ -31,8 +31,8 @@ def tracing() -> bool:
 
 
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool) -> list[str]:
-    if not tracing():
-        return ["only under torch.export, ONNX export and torch.jit.trace (the others are faster in eager)"]
+    # it serves everything the mask form says; dispatch offers it calls only while an exporter or
+    # tracer records (EXPORT_PRIORITY / TRACE_PRIORITY): in eager the others are faster
     return []
 
 
