@@ -90,12 +90,12 @@ def multi_head_attention(
 
     # identity is what allows one fused projection: decide it before any reshaping
     shared = "qkv" if query is key and key is value else "kv" if key is value else None
-    if not batched:  # treat (L, E) as a batch of one, batch first
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    elif not batch_first:  # (L, B, E) -> (B, L, E) views
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    batch, q_len, _ = query.shape
-    k_len = key.shape[1]
+    if not batched:  # treat (L, E) as a batch of one, sequence first
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    # projections run in the inputs' own layout (no copy of a transposed input), heads split as views
+    seq_first = not (batched and batch_first)  # (L, B, E), else (B, L, E)
+    q_len, batch = query.shape[:2] if seq_first else query.shape[1::-1]
+    k_len = key.shape[0 if seq_first else 1]
 
     if kv_cache is None:
         mask = build_mask(
@@ -111,10 +111,10 @@ def multi_head_attention(
             window=window,
         )
 
-    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
-    q = q.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)  # (B, H, L, D)
-    k = k.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)
+    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (L, B, E), (S, B, Hkv*D) x2
+    q = _split_heads(q, num_heads, head_dim, seq_first)  # (B, H, L, D)
+    k = _split_heads(k, num_kv_heads, head_dim, seq_first)  # (B, Hkv, S, D)
+    v = _split_heads(v, num_kv_heads, head_dim, seq_first)
 
     if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
         positions = kv_cache.positions(q_len)  # (B, L)
@@ -129,7 +129,9 @@ def multi_head_attention(
         q = rotary(q, torch.arange(q_len, device=q.device), max_position=q_len - 1)
         k = rotary(k, torch.arange(k_len, device=k.device), max_position=k_len - 1)
     if weights.bias_k is not None:
-        k = torch.cat([k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)  # (B, Hkv, S+1, D)
+        k = torch.cat(
+            [k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2
+        )  # (B, Hkv, S+1, D)
         v = torch.cat([v, _heads(weights.bias_v.to(v.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)
         mask = mask.pad_keys(1)
     if add_zero_attn:
@@ -178,6 +180,12 @@ def _project(
     else:
         w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
     return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _split_heads(t: Tensor, heads: int, head_dim: int, seq_first: bool) -> Tensor:
+    """(L, B, heads*D) when seq_first, else (B, L, heads*D) -> (B, heads, L, D), a view."""
+    t = t.view(t.shape[0], t.shape[1], heads, head_dim)
+    return t.permute(1, 2, 0, 3) if seq_first else t.transpose(1, 2)
 
 
 def _heads(bias: Tensor, num_kv_heads: int) -> Tensor:

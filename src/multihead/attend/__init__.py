@@ -14,12 +14,13 @@ from types import ModuleType
 from torch import Tensor
 
 from ..masks import AttentionMask
-from . import blockwise, reference, sdpa, windowed
+from . import blockwise, direct, reference, sdpa, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, blockwise, reference)}
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, direct, blockwise, reference)}
 # first that serves wins: windowed only takes sliding windows that pay; sdpa everything without
-# weights; blockwise everything with weights; reference is the oracle
-PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "blockwise", "reference")
+# weights; direct calls with weights that fit one blockwise tile; blockwise everything with
+# weights; reference is the oracle
+PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "direct", "blockwise", "reference")
 
 
 def choose(
