@@ -129,9 +129,7 @@ def multi_head_attention(
         q = rotary(q, torch.arange(q_len, device=q.device), max_position=q_len - 1)
         k = rotary(k, torch.arange(k_len, device=k.device), max_position=k_len - 1)
     if weights.bias_k is not None:
-        k = torch.cat(
-            [k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2
-        )  # (B, Hkv, S+1, D)
+        k = torch.cat([k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)  # (B, Hkv, S+1, D)
         v = torch.cat([v, _heads(weights.bias_v.to(v.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)
         mask = mask.pad_keys(1)
     if add_zero_attn:
