@@ -32,6 +32,8 @@ def layout(request, monkeypatch):
     """Force the short-row layout (every row shorter than the register) or the usual one."""
     monkeypatch.setattr(direct, "vector_bytes", lambda: 2**30 if request.param == "short_rows" else 0)
     return request.param
+
+
 MASKS = ["none", "is_causal", "bool2d", "float2d", "causal_float", "kpm_bool", "kpm_float", "both", "bool3d"]
 
 
@@ -89,7 +91,9 @@ def test_matches_torch_and_the_float64_reference(mask, k_len, batch_first, layou
         args = [t.clone().requires_grad_() for t in (q, k, v)]
         args64 = [t.detach().to(F64).requires_grad_() for t in (q, k, v)]
         o_out, o_w, o_g = _run(ours, *args, attn, kpm, causal, average)
-        t_out, t_w, t_g = _run(theirs, *[t.detach().clone().requires_grad_() for t in args], t_attn, kpm, False, average)
+        t_out, t_w, t_g = _run(
+            theirs, *[t.detach().clone().requires_grad_() for t in args], t_attn, kpm, False, average
+        )
         a64 = attn.to(F64) if attn is not None and attn.is_floating_point() else attn
         k64 = kpm.to(F64) if kpm is not None and kpm.is_floating_point() else kpm
         e_out, e_w, e_g = _run(exact, *args64, a64, k64, causal, average)
