@@ -33,12 +33,17 @@ from .reference import safe_softmax
 name = "direct"
 
 
-def _fallback_safe_softmax(scores: Tensor, dim: int) -> Tensor:
-    return safe_softmax(scores.movedim(dim, -1)).movedim(-1, dim)
+_HAS_SAFE_SOFTMAX = hasattr(torch, "_safe_softmax")  # torch >= 2.5
 
 
-# softmax that gives zeros for rows that are all -inf (and zero gradients), one op where torch has it
-_safe_softmax = getattr(torch, "_safe_softmax", None) or _fallback_safe_softmax
+def _safe_softmax(scores: Tensor, dim: int) -> Tensor:
+    """Softmax that gives zeros (and zero gradients) for rows that are all -inf: one aten op (called
+    through torch.ops while compiling, which traces it), else our reference's safe softmax."""
+    if not _HAS_SAFE_SOFTMAX:
+        return safe_softmax(scores.movedim(dim, -1)).movedim(-1, dim)
+    if torch.compiler.is_compiling():
+        return torch.ops.aten._safe_softmax.default(scores, dim)
+    return torch._safe_softmax(scores, dim)
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +85,8 @@ def attend(
     scores = torch.bmm(qg, kg.transpose(1, 2))  # (B*Hkv, G*L, S)
     bias = mask.additive(scores.dtype, scores.device)  # (1|B, 1|H, L, S) | None; None: no row is empty
     softmax = _safe_softmax if bias is not None else torch.softmax
-    if scores.device.type == "cpu" and S * scores.element_size() < vector_bytes():
+    short = scores.device.type == "cpu" and not torch.compiler.is_compiling()  # eager: compile fuses its own
+    if short and S * scores.element_size() < vector_bytes():
         # torch's CPU softmax vectorises along a row: rows shorter than one SIMD register run a scalar
         # loop, several times slower than a copy to (S, B, H, L), where the softmax over dim 0 is
         # vectorised across all B*H*L rows
