@@ -80,9 +80,9 @@ def attend(
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     # the G query heads of a kv head stacked by rows: one GEMM per (batch element, kv head)
-    qg = (q * scale).reshape(B * Hkv, G * L, D)  # a view when q is (L, B, H, D) or (B, L, H, D) memory
+    qg = q.reshape(B * Hkv, G * L, D)  # a view when B and H merge (q from its own projection, seq first)
     kg, vg = k.reshape(B * Hkv, S, D), v.reshape(B * Hkv, S, D)
-    scores = torch.bmm(qg, kg.transpose(1, 2))  # (B*Hkv, G*L, S)
+    scores = torch.baddbmm(qg.new_empty(B * Hkv, G * L, S), qg, kg.transpose(1, 2), beta=0.0, alpha=scale)
     bias = mask.additive(scores.dtype, scores.device)  # (1|B, 1|H, L, S) | None; None: no row is empty
     softmax = _safe_softmax if bias is not None else torch.softmax
     short = scores.device.type == "cpu" and not torch.compiler.is_compiling()  # eager: compile fuses its own
