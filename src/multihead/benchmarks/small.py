@@ -54,13 +54,14 @@ for _mode in ("train", "eval"):
         for _weights in (True, False):
             _name = f"small_speech_{_mode}_{'masks' if _masks else 'nomask'}_{'weights' if _weights else 'noweights'}"
             ROWS[_name] = Row(4, 12, 64, 4, False, True, _masks, _mode == "eval", _weights)
-for _weights in (True, False):
+for _weights in (True, False):  # the page's example 1: distinct q, k, v, batch first
     _suffix = "weights" if _weights else "noweights"
     ROWS[f"small_page1_{_suffix}"] = Row(4, 100, 512, 8, True, self_attention=False, need_weights=_weights)
-    for _mode in ("train", "eval"):
-        ROWS[f"small_vit_{_mode}_{_suffix}"] = Row(
-            8, 50, 768, 12, False, eval_mode=_mode == "eval", need_weights=_weights
-        )
+for _mode in ("train", "eval"):  # a ViT-B/32 tower (CLIP's layout: sequence first, self-attention)
+    for _weights in (True, False):
+        _suffix = "weights" if _weights else "noweights"
+        _eval = _mode == "eval"
+        ROWS[f"small_vit_{_mode}_{_suffix}"] = Row(8, 50, 768, 12, False, eval_mode=_eval, need_weights=_weights)
 
 
 def build(row: Row, seed: int = 0) -> dict[str, Callable[[], object]]:
