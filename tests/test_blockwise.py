@@ -422,15 +422,18 @@ def test_module_matches_torch(registered, monkeypatch, kind, average):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"item {i}: {m}")  # noqa: B023
 
 
-def test_module_dispatches_to_blockwise_for_weights(registered):
+def test_module_dispatches_to_blockwise_for_weights(registered, monkeypatch):
     _, ours = pair(torch.float32, embed_dim=8, num_heads=2, batch_first=True)
-    x = torch.randn(2, 5, 8)
-    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
-    mask = make_mask("none", 2, 2, 5, 5)
+    x = torch.randn(2, 40, 8)
+    q, k, v = (torch.randn(2, 2, 40, 4) for _ in range(3))
+    mask = make_mask("none", 2, 2, 40, 40)
+    # a call that fits one tile is the direct backend's; beyond one tile, blockwise's
+    assert backends.choose(q, k, v, mask, need_weights=True).name == "direct"
+    monkeypatch.setattr(blockwise, "BLOCK_BYTES", 2 * 40 * 4 * 4)  # 4 rows per tile (16 at least)
     assert backends.choose(q, k, v, mask, need_weights=True) is blockwise
     assert backends.choose(q, k, v, mask, need_weights=False).name == "sdpa"
     out, w = ours(x, x, x)
-    assert w.shape == (2, 5, 5)
+    assert w.shape == (2, 40, 40)
 
 
 # ---- worker threads ------------------------------------------------------------------------------------------

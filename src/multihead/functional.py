@@ -102,12 +102,12 @@ def multi_head_attention(
 
     # identity is what allows one fused projection: decide it before any reshaping
     shared = "qkv" if query is key and key is value else "kv" if key is value else None
-    if not batched:  # treat (L, E) as a batch of one, batch first
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    elif not batch_first:  # (L, B, E) -> (B, L, E) views
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    batch, q_len, _ = query.shape
-    k_len = key.shape[1]
+    if not batched:  # treat (L, E) as a batch of one, sequence first
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    # projections run in the inputs' own layout (no copy of a transposed input), heads split as views
+    seq_first = not (batched and batch_first)  # (L, B, E), else (B, L, E)
+    q_len, batch = query.shape[:2] if seq_first else query.shape[1::-1]
+    k_len = key.shape[0 if seq_first else 1]
 
     if kv_cache is None:
         mask = build_mask(
@@ -126,15 +126,16 @@ def multi_head_attention(
 
     if kv_cache is None and varlen.serves(query, mask, backend, weights.bias_k is not None, add_zero_attn):
         # ---- a padded batch: only the valid keys are projected and attended (varlen.py)
+        bf = (lambda t: t.transpose(0, 1)) if seq_first else (lambda t: t)  # varlen takes (B, L, E) views
         return varlen.packed_attention(
-            query, key, value, weights, mask, shared=shared, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            need_weights=need_weights, average_attn_weights=average_attn_weights, dropout_p=dropout_p,
-            rotary=rotary, batched=batched, batch_first=batch_first,
+            bf(query), bf(key), bf(value), weights, mask, shared=shared, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, need_weights=need_weights, average_attn_weights=average_attn_weights,
+            dropout_p=dropout_p, rotary=rotary, batched=batched, batch_first=batch_first,
         )  # fmt: skip
-    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (B, L, E), (B, S, Hkv*D) x2
-    q = q.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)  # (B, H, L, D)
-    k = k.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v.unflatten(-1, (num_kv_heads, head_dim)).transpose(1, 2)
+    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (L, B, E), (S, B, Hkv*D) x2
+    q = _split_heads(q, num_heads, head_dim, seq_first)  # (B, H, L, D)
+    k = _split_heads(k, num_kv_heads, head_dim, seq_first)  # (B, Hkv, S, D)
+    v = _split_heads(v, num_kv_heads, head_dim, seq_first)
 
     if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
         positions = kv_cache.positions(q_len)  # (B, L)
@@ -211,6 +212,12 @@ def _project(
 def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
     """A bias in its weight's dtype (a float64 module with a float16 bias works in both layouts)."""
     return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
+
+
+def _split_heads(t: Tensor, heads: int, head_dim: int, seq_first: bool) -> Tensor:
+    """(L, B, heads*D) when seq_first, else (B, L, heads*D) -> (B, heads, L, D), a view."""
+    t = t.view(t.shape[0], t.shape[1], heads, head_dim)
+    return t.permute(1, 2, 0, 3) if seq_first else t.transpose(1, 2)
 
 
 def _heads(bias: Tensor, num_kv_heads: int) -> Tensor:

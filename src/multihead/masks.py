@@ -71,14 +71,7 @@ class AttentionMask:
         if not self.has_band:
             return None
         left, right = self.band_limits()
-        rows = torch.arange(q_start, q_stop, device=device).unsqueeze(1) + self.offset
-        cols = torch.arange(self.k_len, device=device).unsqueeze(0)
-        hidden = torch.zeros(q_stop - q_start, self.k_len, dtype=torch.bool, device=device)
-        if right is not None:
-            hidden |= cols > rows + right
-        if left is not None:
-            hidden |= cols < rows - left
-        return hidden
+        return _band(q_start + self.offset, q_stop + self.offset, self.k_len, left, right, None, device)
 
     def additive(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """The whole mask as one float tensor broadcastable to (B, H, L, S): 0 where visible,
@@ -88,14 +81,16 @@ class AttentionMask:
     def additive_rows(self, q_start: int, q_stop: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """`additive()` restricted to query rows [q_start, q_stop)."""
         total = None
-        band = self.band(q_start, q_stop, device)
-        if band is not None:
-            total = _to_additive(band, dtype)[None, None]  # (1, 1, l, S)
+        if self.has_band:
+            left, right = self.band_limits()
+            row0, row1 = q_start + self.offset, q_stop + self.offset
+            total = _band(row0, row1, self.k_len, left, right, dtype, device).view(1, 1, row1 - row0, self.k_len)
         if self.key_padding is not None:
-            kp = _to_additive(self.key_padding, dtype)[:, None, None, :]  # (B, 1, 1, S)
+            kp = _to_additive(self.key_padding, dtype).view(self.batch, 1, 1, self.k_len)  # (B, 1, 1, S)
             total = kp if total is None else total + kp
         if self.dense is not None:
-            dense = _to_additive(self.dense[:, :, q_start:q_stop], dtype)  # (1|B, 1|H, l, S)
+            dense = self.dense if (q_start, q_stop) == (0, self.q_len) else self.dense[:, :, q_start:q_stop]
+            dense = _to_additive(dense, dtype)  # (1|B, 1|H, l, S)
             total = dense if total is None else total + dense
         return total
 
@@ -159,25 +154,46 @@ def _zero_of(t: Tensor) -> bool | float:
 def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
+    return mask if mask.dtype == dtype else mask.to(dtype)
 
 
-@functools.lru_cache(maxsize=8)
-def _causal_pattern(q_len: int, k_len: int, device: torch.device) -> Tensor:
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu_(1)
+def _make_band(
+    row0: int, row1: int, k_len: int, left: int | None, right: int | None, dtype: torch.dtype | None, device
+) -> Tensor:
+    """(row1 - row0, k_len) mask of the band around the diagonal of query rows [row0, row1) (offset
+    included): bool True = hidden with dtype None, else additive (0 visible, -inf hidden)."""
+    with torch.inference_mode(False):  # a cached tensor must also serve calls that record autograd
+        rows = torch.arange(row0, row1, device=device).unsqueeze(1)
+        cols = torch.arange(k_len, device=device).unsqueeze(0)
+        hidden = torch.zeros(row1 - row0, k_len, dtype=torch.bool, device=device)
+        if right is not None:
+            hidden |= cols > rows + right
+        if left is not None:
+            hidden |= cols < rows - left
+        return hidden if dtype is None else _to_additive(hidden, dtype)
+
+
+_cached_band = functools.lru_cache(maxsize=16)(_make_band)
+_CACHED_BAND_BYTES = 2**20  # small calls, where building a band costs more than using it, reuse one
+
+
+def _band(row0, row1, k_len, left, right, dtype, device) -> Tensor:
+    """`_make_band`, cached up to `_CACHED_BAND_BYTES` in eager mode (shared: callers never write to it)."""
+    itemsize = 1 if dtype is None else dtype.itemsize
+    small = (row1 - row0) * k_len * itemsize <= _CACHED_BAND_BYTES
+    make = _cached_band if small and not torch.compiler.is_compiling() else _make_band
+    return make(row0, row1, k_len, left, right, dtype, device)
 
 
 def _is_causal_pattern(mask: Tensor) -> bool:
-    """Is this 2-D user mask exactly the top-left causal pattern? Costs one comparison pass; skipped
-    under torch.compile / torch.export and torch.jit.trace (value-dependent: a trace would bake the
-    answer in) and for non-CPU masks (would sync the device)."""
+    """Is this 2-D user mask exactly the top-left causal pattern (bool: True above the diagonal;
+    float: 0 on and below it, -inf above)? One comparison pass; skipped under torch.compile /
+    torch.export and torch.jit.trace (value-dependent: a trace would bake the answer in) and for
+    non-CPU masks (would sync the device)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or mask.device.type != "cpu" or mask.requires_grad:
         return False
-    pattern = _causal_pattern(mask.shape[0], mask.shape[1], mask.device)
-    if mask.dtype == torch.bool:
-        return torch.equal(mask, pattern)
-    # float: 0 on and below the diagonal, -inf above
-    return bool(torch.equal(torch.isneginf(mask), pattern)) and not bool(mask.masked_fill(pattern, 0).any())
+    dtype = None if mask.dtype == torch.bool else mask.dtype
+    return torch.equal(mask, _band(0, mask.shape[0], mask.shape[1], None, 0, dtype, mask.device))
 
 
 # ---- building from user arguments ------------------------------------------------------------
@@ -271,7 +287,7 @@ def build_mask(
                     f"{key_padding_mask.dim()}-D tensor instead",
                 )
             raise ValueError(ours + (hint if tuple(key_padding_mask.shape) == (q_len, batch) else ""))
-        key_padding = key_padding_mask.view(batch, k_len)
+        key_padding = key_padding_mask if batched else key_padding_mask.view(batch, k_len)
 
     return AttentionMask(
         batch=batch,

@@ -16,15 +16,16 @@ import torch
 from torch import Tensor
 
 from ..masks import AttentionMask
-from . import blockwise, blockwise_op, exportable, reference, sdpa, triton, windowed
+from . import blockwise, blockwise_op, direct, exportable, reference, sdpa, triton, windowed
 
-BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, blockwise, reference, exportable)}
+BACKENDS: dict[str, ModuleType] = {b.name: b for b in (windowed, sdpa, direct, blockwise, reference, exportable)}
 # backends for CUDA tensors only: dispatch offers them nothing else; forced by name they serve what
 # they declare (the triton backend: CPU tensors under TRITON_INTERPRET=1, for tests)
 GPU_BACKENDS: dict[str, ModuleType] = {triton.name: triton}
 # first that serves wins: windowed only takes sliding windows that pay; sdpa everything without
-# weights; triton weights on CUDA; blockwise everything with weights; reference is the oracle
-PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "triton", "blockwise", "reference")
+# weights; direct calls with weights that fit one blockwise tile; triton weights on CUDA; blockwise
+# everything with weights; reference is the oracle
+PRIORITY: tuple[str, ...] = ("windowed", "sdpa", "direct", "triton", "blockwise", "reference")
 # under torch.export / ONNX export: plain math with symbolic shapes that zeroes fully masked rows
 EXPORT_PRIORITY: tuple[str, ...] = ("exportable",)
 # under torch.jit.trace: SDPA (traced shape-generic) without weights, plain math with them
