@@ -42,6 +42,8 @@ def _timed(fn, min_s: float) -> tuple[float, float]:
 
 def measure(name: str, threads: int, rounds: int, min_s: float = 0.1, quick: bool = False) -> dict:
     case = bench.SCENARIOS[name].case
+    if case is None:
+        raise SystemExit(f"{name} is not a torch / ours / floor scenario")
     if quick:
         case = case.quick()
     torch.set_num_threads(threads)
