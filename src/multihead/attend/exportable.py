@@ -25,14 +25,9 @@ from ..masks import AttentionMask
 name = "exportable"
 
 
-def tracing() -> bool:
-    """True while torch.export, ONNX export or torch.jit.trace records the call."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-
-
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool) -> list[str]:
-    # it serves everything the mask form says; dispatch offers it calls only while an exporter or
-    # tracer records (EXPORT_PRIORITY / TRACE_PRIORITY): in eager the others are faster
+    # serves every request; the dispatch table picks it only while an exporter or tracer records the
+    # call (in eager the others are faster), and a user can force it by name
     return []
 
 
@@ -79,6 +74,8 @@ def attend(
 
 def _safe_softmax(scores: Tensor) -> Tensor:
     """Softmax over the last dim; a row that is entirely -inf gives zeros, in forward and backward."""
+    if scores.shape[-1] == 0:  # S = 0: no key at all (amax would raise)
+        return scores.clone()
     empty = scores.amax(dim=-1, keepdim=True) == float("-inf")  # (..., L, 1)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
     return probs.masked_fill(empty, 0.0)
