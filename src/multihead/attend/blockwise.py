@@ -1,7 +1,8 @@
 """The blockwise backend: attention weights in O(B*L*S) memory, with a recomputing backward.
 
-The work is cut into tiles sized for the cache: a range of query rows of one batch element (or, for
-short sequences, whole sequences of several). A tile's scores (heads, r, s) come from one batched
+The work is cut into tiles sized for one core's cache (`multihead.hardware`: from the per-core L2,
+never a socket-wide L3; enough rows to amortise the K/V slice a tile streams): a range of query rows
+of one batch element (or, for short sequences, whole sequences of several). A tile's scores (heads, r, s) come from one batched
 GEMM, become probabilities in place (one softmax pass), are written to the weights (their mean over
 heads, or per head) and multiplied by V, then forgotten. Nothing of size (B, H, L, S) is ever held
 when the weights are averaged, and q, k, v are read where the projection left them (no copies).
