@@ -56,6 +56,8 @@ def vector_bytes() -> int:
 def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool) -> list[str]:
     if not q.is_floating_point():
         return [f"needs floating-point inputs, got {q.dtype}"]
+    if torch.compiler.is_compiling():  # the one-tile test reads the machine and guards on the shapes
+        return ["under torch.compile (blockwise's custom op serves the weights path there)"]
     B, H, L, _ = q.shape
     S = k.shape[2]
     batches, rows = blockwise.choose_tiles(B, H, L, S, q.element_size(), q.device)
