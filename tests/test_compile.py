@@ -168,6 +168,7 @@ def test_dropout_in_graph_seed(one_thread, need_weights):
     the same manual_seed gives eager's exact result (eager backend), and weights are the applied ones."""
     torch.manual_seed(0)
     module = MultiheadAttention(E, H, dropout=0.5)
+    module.backend = "blockwise"  # eager's small calls would take direct (torch's dropout RNG, not the op's)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=True)
@@ -229,11 +230,11 @@ def test_dispatch_under_compile_uses_the_op():
 
     q = torch.randn(1, 2, 3, 4)
     mask = AttentionMask(1, 2, 3, 3)
-    assert choose(q, q, q, mask, need_weights=True) is blockwise
+    assert choose(q, q, q, mask, need_weights=True, backend="blockwise") is blockwise
     seen = []
 
     def probe(q):
-        seen.append(choose(q, q, q, mask, need_weights=True))
+        seen.append(choose(q, q, q, mask, need_weights=True))  # direct declines while compiling
         return q
 
     torch._dynamo.reset()

@@ -40,7 +40,7 @@ def test_explain_names_the_backend_forward_runs(case, monkeypatch):
     with torch.no_grad():
         m(x, x, x, **kw)
     assert explained.backend == chosen[0].name
-    assert set(explained.reasons) == set(multihead.attend.BACKENDS) - {explained.backend}
+    assert set(explained.reasons) == set(multihead.attend.PRIORITY) - {explained.backend}
     assert all(why for why in explained.reasons.values())
     assert explained.flops > 0 and explained.peak_bytes > 0 and explained.torch_flops > 0
     text = str(explained)

@@ -292,7 +292,7 @@ def test_declines_what_it_does_not_serve(device, monkeypatch):
     assert triton_backend.not_supported_reasons(q, k, v, grad_mask, need_weights=True)
     if device.type == "cpu":  # dispatch never picks it for CPU tensors; without the interpreter it declines
         assert backends.explain(q, k, v, mask, need_weights=True)["triton"]
-        assert backends.choose(q, k, v, mask, need_weights=True).name == "blockwise"
+        assert backends.choose(q, k, v, mask, need_weights=True).name in ("direct", "blockwise")  # not triton
         assert backends.choose(q, k, v, mask, need_weights=True, backend="triton") is triton_backend
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert any("CUDA" in r for r in triton_backend.not_supported_reasons(q, k, v, mask, need_weights=True))
