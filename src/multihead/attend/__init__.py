@@ -68,9 +68,11 @@ def explain(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weight
 
 
 def _priority() -> tuple[str, ...]:
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_exporting():  # torch.export, and ONNX export with dynamo=True
         return EXPORT_PRIORITY
-    return TRACE_PRIORITY if torch.jit.is_tracing() else PRIORITY
+    if torch.jit.is_tracing():  # torch.jit.trace, and the TorchScript-based ONNX export
+        return EXPORT_PRIORITY if torch.onnx.is_in_onnx_export() else TRACE_PRIORITY
+    return PRIORITY
 
 
 def _reasons(
