@@ -649,16 +649,20 @@ class TensorParallel(nn.Module):
 
         w = module.projections()
         kv_dim = kv_heads * dim
-        w_q, w_k, w_v = w.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim]) if self.packed else w[1:4]
-        b = (None,) * 3 if w.in_proj_bias is None else w.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim])
+        if w.in_proj_weight is not None:  # self.packed
+            w_q, w_k, w_v = w.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim])
+        else:  # Projections: without in_proj_weight, the three separate weights are set
+            assert w.q_proj_weight is not None and w.k_proj_weight is not None and w.v_proj_weight is not None
+            w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
+        b = None if w.in_proj_bias is None else w.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim])
         with torch.no_grad():
             self.q_weight = nn.Parameter(self._rows_q(w_q).clone())  # (H_l*D, E)
             self.k_weight = nn.Parameter(self._rows_kv(w_k).clone())  # (Hkv_l*D, kdim) | (Hkv*D, kdim)
             self.v_weight = nn.Parameter(self._rows_kv(w_v).clone())
-            self.has_bias = b[0] is not None
-            self.q_bias = nn.Parameter(self._rows_q(b[0]).clone()) if self.has_bias else None
-            self.k_bias = nn.Parameter(self._rows_kv(b[1]).clone()) if self.has_bias else None
-            self.v_bias = nn.Parameter(self._rows_kv(b[2]).clone()) if self.has_bias else None
+            self.has_bias = b is not None
+            self.q_bias = nn.Parameter(self._rows_q(b[0]).clone()) if b is not None else None
+            self.k_bias = nn.Parameter(self._rows_kv(b[1]).clone()) if b is not None else None
+            self.v_bias = nn.Parameter(self._rows_kv(b[2]).clone()) if b is not None else None
             self.out_weight = nn.Parameter(w.out_proj_weight[:, q0 * dim : q1 * dim].clone())  # (E, H_l*D)
             self.out_bias = nn.Parameter(w.out_proj_bias.clone()) if w.out_proj_bias is not None else None
 
@@ -687,6 +691,7 @@ class TensorParallel(nn.Module):
         if not self.packed:
             full.update(q_proj_weight=q, k_proj_weight=k, v_proj_weight=v)
         if self.has_bias:
+            assert self.q_bias is not None and self.k_bias is not None and self.v_bias is not None  # has_bias
             kb = self._gather(self.k_bias) if self.kv_split else self.k_bias.detach()
             vb = self._gather(self.v_bias) if self.kv_split else self.v_bias.detach()
             full["in_proj_bias"] = torch.cat([self._gather(self.q_bias), kb, vb])

@@ -85,8 +85,10 @@ def multi_head_attention(
     head_dim = embed_dim // num_heads
     kv_dim = num_kv_heads * head_dim
     packed = weights.in_proj_weight is not None
-    kdim = embed_dim if packed else weights.k_proj_weight.shape[1]
-    vdim = embed_dim if packed else weights.v_proj_weight.shape[1]
+    kdim = vdim = embed_dim
+    if not packed:  # Projections: without in_proj_weight, the three separate weights are set
+        assert weights.k_proj_weight is not None and weights.v_proj_weight is not None
+        kdim, vdim = weights.k_proj_weight.shape[1], weights.v_proj_weight.shape[1]
     batched = check_inputs(
         query,
         key,
@@ -150,7 +152,10 @@ def multi_head_attention(
         q = rotary(q, torch.arange(q_len, device=q.device), max_position=q_len - 1)
         k = rotary(k, torch.arange(k_len, device=k.device), max_position=k_len - 1)
     if weights.bias_k is not None:
-        k = torch.cat([k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)  # (B, Hkv, S+1, D)
+        assert weights.bias_v is not None  # bias_k and bias_v come together
+        k = torch.cat(
+            [k, _heads(weights.bias_k.to(k.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2
+        )  # (B, Hkv, S+1, D)
         v = torch.cat([v, _heads(weights.bias_v.to(v.dtype), num_kv_heads).expand(batch, -1, -1, -1)], dim=2)
         mask = mask.pad_keys(1)
     if add_zero_attn:
@@ -193,6 +198,7 @@ def _project(
     key is value."""
     sizes = [embed_dim, kv_dim, kv_dim]
     weight = w.in_proj_weight if w.in_proj_weight is not None else w.q_proj_weight
+    assert weight is not None  # Projections: in_proj_weight or the three separate weights are set
     if w.in_proj_bias is not None and w.in_proj_bias.dtype != weight.dtype:  # mixed parameter dtypes
         w = w._replace(in_proj_bias=w.in_proj_bias.to(weight.dtype))
     b_q, b_k, b_v = (None, None, None) if w.in_proj_bias is None else w.in_proj_bias.split(sizes)

@@ -374,6 +374,7 @@ class TransformerDecoderLayer(_FeedForward, nn.Module):
             k, v = F.linear(mem, w.in_proj_weight[embed_dim:], bias).split([kv_dim, kv_dim], dim=-1)
         else:
             b_k, b_v = (None, None) if bias is None else bias.split([kv_dim, kv_dim])
+            assert w.k_proj_weight is not None and w.v_proj_weight is not None  # separate weights, as not packed
             k, v = F.linear(mem, w.k_proj_weight, b_k), F.linear(mem, w.v_proj_weight, b_v)  # (B, S, Hkv*D)
         k = k.unflatten(-1, (attn.num_kv_heads, attn.head_dim)).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.unflatten(-1, (attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
@@ -416,6 +417,7 @@ class TransformerDecoderLayer(_FeedForward, nn.Module):
         )
         w = attn.projections()
         w_q = w.in_proj_weight[:embed_dim] if w.in_proj_weight is not None else w.q_proj_weight  # (E, E)
+        assert w_q is not None  # Projections: in_proj_weight or the three separate weights are set
         b_q = None if w.in_proj_bias is None else w.in_proj_bias[:embed_dim]
         q = F.linear(query, w_q, b_q).unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)  # (B, H, L, D)
         backend = backends.choose(q, k, v, mask, need_weights=False, backend=attn.backend)

@@ -119,7 +119,9 @@ class AttentionMask:
         if self.is_plain_causal:
             return None, True
         if self.is_bool:
-            return ~self.hidden(), False
+            hidden = self.hidden()
+            assert hidden is not None  # not empty, so some part is masked
+            return ~hidden, False
         return self.additive(dtype, self.device), False
 
     # ---- transformations ---------------------------------------------------------------------
@@ -129,7 +131,9 @@ class AttentionMask:
             return replace(self, k_len=self.k_len + n)
         dense = self.dense
         if self.has_band:  # the band does not extend to the extra columns: make it dense
-            band = self.band(0, self.q_len, self.device)[None, None]
+            band = self.band(0, self.q_len, self.device)
+            assert band is not None  # has_band
+            band = band[None, None]
             if dense is None:
                 dense = band
             elif dense.dtype == torch.bool:
@@ -230,8 +234,9 @@ def build_mask(
     """
     # the shapes the masks would have if the inputs meant the other layout (self-attention shapes
     # only: L == S); B <-> L swap, so a seq-first caller's masks match these
-    other = batched and batch_first is not None and q_len == k_len
-    hint = layout_hint(batch_first) if other else ""
+    hint = ""
+    if batched and batch_first is not None and q_len == k_len:
+        hint = layout_hint(batch_first)
     kind = "batched (3-D)" if batched else "unbatched (2-D)"
     causal = False
     dense = None

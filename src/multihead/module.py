@@ -12,7 +12,7 @@ check that tells torch's module and ours apart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         # torch's __init__ would register torch's parameters and initialise them; ours does both,
         # in torch's order, for every layout (grouped-query heads included)
         nn.Module.__init__(self)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -172,6 +172,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             constant_(self.in_proj_bias, 0.0)
             constant_(self.out_proj.bias, 0.0)
         if self.bias_k is not None:
+            assert self.bias_v is not None  # bias_k and bias_v are registered together
             xavier_normal_(self.bias_k)
             xavier_normal_(self.bias_v)
 

@@ -35,9 +35,9 @@ def check_module_args(
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ValueError(f"{name} must be greater than 0, got {name}={value}")
-    for name, value in (("kdim", kdim), ("vdim", vdim), ("num_kv_heads", num_kv_heads)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    for name, optional in (("kdim", kdim), ("vdim", vdim), ("num_kv_heads", num_kv_heads)):
+        if optional is not None and (not isinstance(optional, int) or isinstance(optional, bool) or optional <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {optional!r}")
     if embed_dim % num_heads != 0:  # torch: AssertionError("embed_dim must be divisible by num_heads")
         raise MultiheadAttentionShapeError(
             f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and num_heads={num_heads} "

@@ -239,8 +239,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tens
         weights = q.new_empty((B, L, S) if plan.average else (B, H, L, S))
         w_strides = (weights.stride(0), 0, *weights.stride()[1:]) if plan.average else weights.stride()
         tiles = _tiles(q, "weights")
-        grid = (_cdiv(L, tiles["BLOCK_M"]), _cdiv(S, tiles["BLOCK_N"]), B if plan.average else B * H)
-        kern._weights[grid](
+        w_grid = (_cdiv(L, tiles["BLOCK_M"]), _cdiv(S, tiles["BLOCK_N"]), B if plan.average else B * H)
+        kern._weights[w_grid](
             q, k, lse, weights, *ptrs, *q.stride(), *k.stride(), *w_strides, *rest, **const, AVERAGE=plan.average,
             **tiles,
         )  # fmt: skip
@@ -263,10 +263,11 @@ def _backward(q, k, v, out, lse, d_out: Tensor, d_weights: Tensor | None, plan: 
     block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     has_dw = d_weights is not None
     dw = d_weights if has_dw else lse
-    if has_dw and plan.average:  # (B, L, S)
-        w_strides = (dw.stride(0), 0, dw.stride(1), dw.stride(2))
-    elif has_dw:
-        w_strides = tuple(dw.stride())
+    w_strides: tuple[int, ...]
+    if d_weights is not None and plan.average:  # (B, L, S)
+        w_strides = (d_weights.stride(0), 0, d_weights.stride(1), d_weights.stride(2))
+    elif d_weights is not None:
+        w_strides = tuple(d_weights.stride())
     else:
         w_strides = (0, 0, 0, 0)
     dw_scale = 1.0 / H if plan.average else 1.0

@@ -55,6 +55,7 @@ def _run(rank: int, world: int, port: int | None, cfg: dict, queue) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, L, E, generator=g)
     grad = torch.randn(B, L, E, generator=g)
+    attn: torch.nn.Module  # the context-parallel wrapper, or the module itself
     if world:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

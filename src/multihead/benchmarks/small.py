@@ -26,11 +26,11 @@ import fnmatch
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from multihead import MultiheadAttention
 
@@ -64,7 +64,7 @@ for _mode in ("train", "eval"):  # a ViT-B/32 tower (CLIP's layout: sequence fir
         ROWS[f"small_vit_{_mode}_{_suffix}"] = Row(8, 50, 768, 12, False, eval_mode=_eval, need_weights=_weights)
 
 
-def build(row: Row, seed: int = 0) -> dict[str, Callable[[], object]]:
+def build(row: Row, seed: int = 0) -> dict[str, Callable[[], tuple[Tensor, Tensor | None]]]:
     """Zero-argument calls of torch's module and ours on the row's inputs (same weights)."""
     torch.manual_seed(seed)
     B, L, E, H = row.batch, row.length, row.embed_dim, row.heads
@@ -79,7 +79,7 @@ def build(row: Row, seed: int = 0) -> dict[str, Callable[[], object]]:
         lengths = torch.randint(L // 2, L + 1, (B,), generator=torch.Generator().manual_seed(seed))
         kpm = torch.zeros(B, L).masked_fill_(torch.arange(L)[None, :] >= lengths[:, None], float("-inf"))
 
-    def call(module: nn.Module) -> Callable[[], object]:
+    def call(module: nn.Module) -> Callable[[], tuple[Tensor, Tensor | None]]:
         def run():
             with torch.no_grad():
                 return module(q, k, v, key_padding_mask=kpm, need_weights=row.need_weights, attn_mask=attn_mask)
@@ -99,7 +99,7 @@ def _reps(fn: Callable[[], object], min_s: float) -> int:
     return max(1, round(min_s / max(once, 1e-9)))
 
 
-def time_paired(fns: dict[str, Callable[[], object]], rounds: int, min_s: float) -> dict:
+def time_paired(fns: Mapping[str, Callable[[], object]], rounds: int, min_s: float) -> dict:
     """Per-call seconds of torch and ours in each of `rounds` interleaved rounds, and the per-round
     ratios ours / torch."""
     for fn in fns.values():
@@ -136,6 +136,7 @@ def run_row(name: str, *, rounds: int = 11, min_sample_s: float = 0.05, threads:
         (t_out, t_w), (o_out, o_w) = fns["torch"](), fns["ours"]()
         diff = (o_out - t_out).abs().max().item()
         if t_w is not None:  # torch's NaN rows (none here: every row sees a key) would poison this
+            assert o_w is not None  # same need_weights as torch's call
             diff = max(diff, (o_w - t_w).abs().max().item())
         result = {"row": asdict(row), "threads": threads, "max_abs_diff_vs_torch": diff}
         result.update(time_paired(fns, rounds, min_sample_s))

@@ -206,7 +206,7 @@ def threshold_sweep(threads: int | None = None, quick: bool = False, train: bool
 
 
 # partials keep run's signature, so bench.py passes threads and quick
-SCENARIOS = {
+SCENARIOS: dict[str, Callable[..., dict]] = {
     "varlen_uniform_forward": functools.partial(run, "uniform", train=False),
     "varlen_uniform_train": functools.partial(run, "uniform", train=True),
     "varlen_half_forward": functools.partial(run, "half", train=False),

@@ -123,6 +123,7 @@ EXAMPLES = [example_1_basic, example_2_self_attention, example_3_masked, example
 def main() -> None:
     torch.manual_seed(0)
     for i, example in enumerate(EXAMPLES, 1):
+        assert example.__doc__ is not None  # every example has a docstring: its title
         print(f"\n=== 示例 {i}: {example.__doc__.splitlines()[0]}")
         example()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,7 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     def __init__(self, cfg: Config, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.dim, **factory)
         self.blocks = nn.ModuleList(Block(cfg, **factory) for _ in range(cfg.layers))
