@@ -15,10 +15,10 @@ $(VENV)/.ready: pyproject.toml
 demo: $(VENV)/.ready
 	$(PY) -m multihead demo
 
-# lint, types, the test suite (tests/test_docs.py builds the docs with warnings as errors)
+# lint, types (mypy on src/), the test suite (tests/test_docs.py builds the docs with warnings as errors)
 test: $(VENV)/.ready
 	$(PY) -m ruff check .
-	@echo "(mypy: make typecheck)"
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: $(VENV)/.ready
@@ -32,7 +32,7 @@ lint: $(VENV)/.ready
 	$(PY) -m ruff format --check .
 
 typecheck: $(VENV)/.ready
-	@echo "(mypy: make typecheck)"
+	$(PY) -m mypy
 
 docs: $(VENV)/.ready
 	$(PY) -m mkdocs build --strict --site-dir build/site

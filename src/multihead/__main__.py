@@ -195,9 +195,9 @@ def check() -> int:
 
 # ---- plot ------------------------------------------------------------------------------------------------
 def plot(argv: list[str]) -> int:
-    from . import viz
+    from .viz import main as plot_main
 
-    return viz.main(argv)
+    return plot_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,7 +174,7 @@ class KVCache(nn.Module):
             unmasked = False
         else:
             self.check_room(length)
-            keys = self.bound = self.bound + length
+            keys = self.bound = self._bound() + length
             left = None if window is None else window[0]
             unmasked = length == 1 and self._uniform and (left is None or left >= keys - 1)
         pos = lengths[:, None] + cols[:length]  # (B, L)

@@ -167,7 +167,8 @@ class RotaryEmbedding(nn.Module):
         table = table[positions]  # (T, 2, D) | (B, T, 2, D)
         if positions.dim() == 2:
             table = table.unsqueeze(1)  # (B, 1, T, 2, D)
-        return table.unbind(-2)
+        cos, sin = table.unbind(-2)
+        return cos, sin
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return torch.addcmul(x * cos, self._swap(x), sin)  # x * cos + swap(x) * sin

@@ -220,7 +220,7 @@ class _Plan:
         """(index, b0, b1, q0, q1, k_lo, k_hi): batch elements [b0, b1), query rows [q0, q1), keys
         [k_lo, k_hi). The index seeds the tile's dropout mask."""
         S = self.mask.k_len
-        tiles = []
+        tiles: list[Tile] = []
         for b0 in range(0, batch, self.batches):
             for q0 in range(0, q_len, self.rows):
                 q1 = min(q_len, q0 + self.rows)
@@ -247,7 +247,9 @@ class _Plan:
                 hide = _triangle(r, c1 - k_lo, q0 + self.offset - self.left - k_lo - 1, upper=False, device=sc.device)
                 sc4[..., : c1 - k_lo].masked_fill_(hide[:, None, :], float("-inf"))
         if self.has_rest:
-            bias = self.rest.additive_rows(q0, q1, sc.dtype, sc.device)[..., k_lo:k_hi]  # (1|B, 1|H, r, s)
+            bias = self.rest.additive_rows(q0, q1, sc.dtype, sc.device)
+            assert bias is not None  # has_rest: the rest of the mask hides something
+            bias = bias[..., k_lo:k_hi]  # (1|B, 1|H, r, s)
             if bias.shape[0] > 1:
                 bias = bias[b0:b1]
             bias = bias.unsqueeze(3) if bias.shape[1] == 1 else bias.unflatten(1, (-1, groups)).transpose(2, 3)
@@ -563,6 +565,7 @@ def _backward_fast(q, k, v, out, d_out, d_weights, plan: _Plan):
         _scores_to_probs(plan, p, tile, G)  # the forward's P
         dp = dp_buf[:n].view(nb * Hkv, r * G, s)
         if plain:  # dS = P * (dO @ V^T - delta), delta as the GEMM's initial value
+            assert neg_delta is not None  # plain: the weights get no gradient
             torch.baddbmm(_rows(neg_delta, b0, b1, q0, q1, Hkv), dob, vtb, out=dp)
             dvb.baddbmm_(p.transpose(1, 2), dob)
             dp.mul_(p)

@@ -31,6 +31,7 @@ chunk, s keys per chunk, n chunks in the body.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,16 @@ def chunk_size(mask: AttentionMask) -> int:
     return size
 
 
+def _limits(mask: AttentionMask) -> tuple[int, int | None]:
+    """(left, right) of the band; this backend serves only a finite left reach (`not_supported_reasons`)."""
+    left, right = _limits(mask)
+    assert left is not None, "the windowed backend needs a finite left reach"
+    return left, right
+
+
 def _key_range(mask: AttentionMask, q0: int, q1: int) -> tuple[int, int]:
     """Key columns [k0, k1) that query rows [q0, q1) can see through the band (k0 == k1: none)."""
-    left, right = mask.band_limits()
+    left, right = _limits(mask)
     k0 = min(mask.k_len, max(0, q0 + mask.offset - left))
     k1 = mask.k_len if right is None else max(0, min(mask.k_len, q1 - 1 + mask.offset + right + 1))
     return k0, max(k0, k1)
@@ -67,7 +75,7 @@ def _key_range(mask: AttentionMask, q0: int, q1: int) -> tuple[int, int]:
 
 def _body(mask: AttentionMask, size: int) -> tuple[int, int]:
     """Chunks [c_lo, c_hi) that are full and whose key range is unclipped (c_hi <= c_lo: none)."""
-    left, right = mask.band_limits()
+    left, right = _limits(mask)
     if right is None:
         return 0, 0
     span = size + left + right
@@ -83,7 +91,7 @@ def _plan(mask: AttentionMask, size: int) -> tuple[tuple[int, int], list[tuple[i
     body = _body(mask, size)
     if body[1] - body[0] < 2:  # a batch of one chunk is just an edge chunk
         body = (0, 0)
-    left, right = mask.band_limits()
+    left, right = _limits(mask)
     limit = size if right is None else max(size, left + right)
     runs: list[tuple[int, int, int, int]] = []
     start = None
@@ -104,9 +112,9 @@ def visited_share(mask: AttentionMask, size: int | None = None) -> float:
     size = size or chunk_size(mask)
     body, runs = _plan(mask, size)
     visited = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in runs)
-    if body[1] > body[0]:
-        left, right = mask.band_limits()
-        visited += (body[1] - body[0]) * size * (size + left + right)
+    if body[1] > body[0]:  # a body needs a bounded right reach (`_body`)
+        left, right = _limits(mask)
+        visited += (body[1] - body[0]) * size * (size + left + (right or 0))
     return visited / max(1, mask.q_len * mask.k_len)
 
 
@@ -143,7 +151,7 @@ def attend(
     assert not need_weights, "the windowed backend does not return weights"
     assert mask.band_limits()[0] is not None, "the windowed backend needs a finite left reach"
     size = chunk or chunk_size(mask)
-    sdpa = {"dropout_p": dropout_p, "scale": scale, "enable_gqa": bool(k.shape[1] != q.shape[1])}
+    sdpa: dict[str, Any] = {"dropout_p": dropout_p, "scale": scale, "enable_gqa": bool(k.shape[1] != q.shape[1])}
     masks = _ChunkMasks(mask, q.dtype, q.device)
     body, runs = _plan(mask, size)
     pieces: list[tuple[int, int, Tensor]] = []  # (q0, q1, out rows (B, H, q1 - q0, Dv))
@@ -209,12 +217,13 @@ class _ChunkMasks:
         self.mask = mask
         self.dtype = dtype
         self.device = device
-        self.left, self.right = mask.band_limits()
+        self.left, self.right = _limits(mask)
         kp = mask.key_padding
         self.padding = None if kp is None else _additive(kp, dtype)  # (B, S)
 
     def span(self, size: int) -> int:
         """Keys per chunk in the body."""
+        assert self.right is not None, "a body needs a bounded right reach (`_body`)"
         return size + self.left + self.right
 
     def band(self, rows: int, cols: int, shift: int) -> Tensor:

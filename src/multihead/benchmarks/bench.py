@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +163,7 @@ def ensure_blockwise() -> bool:
 
 
 # ---- building the three callables -----------------------------------------------------------------------
-def build(case: Case, which: str, seed: int = 0) -> Callable[[], object]:
+def build(case: Case, which: str, seed: int = 0) -> Callable[[], Any]:
     """A zero-argument call of `which` (torch | ours | floor) on the case's inputs."""
     torch.manual_seed(seed)
     B, L, E, H = case.batch, case.length, case.embed_dim, case.heads
@@ -557,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._peak:  # child process of measure_peak
         name, which = args._peak
         case = SCENARIOS[name].case
+        assert case is not None, f"{name} has no pairwise case to measure"
         print(json.dumps(_measure_here(case.quick() if args.quick else case, which)))
         return 0
     if args.list:

@@ -132,7 +132,7 @@ def _run(tokens, prompt, E, H, kv_heads, compile, repeats, baseline_stride, devi
         # load on the machine hits them alike; within a repeat each decodes back to back, as a
         # one-layer decode loop would (its weights stay in cache, see the notes)
         sampled = list(range(min(baseline_stride // 2, tokens - 1), tokens, baseline_stride))
-        per_token = {name: [] for name in steps}
+        per_token: dict[str, list[float]] = {name: [] for name in steps}
         prefill = []
         torch_times = []
         for r in range(repeats):

@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ def _attention(L, W, B, E, H, rounds, min_sample_s, dtype) -> dict:
     mask = AttentionMask(B, H, L, L, causal=True, window=(W, 0))
     kw = {"scale": D**-0.5, "dropout_p": 0.0, "need_weights": False, "average_weights": True}
     chunk = windowed.chunk_size(mask)
-    call = {
+    call: dict[str, Callable[[], Any]] = {
         "ours": lambda: windowed.attend(q, k, v, mask, **kw),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "sdpa_window_mask": lambda: sdpa.attend(q, k, v, mask, **kw),
@@ -192,10 +193,10 @@ def _module(L, W, B, E, H, rounds, min_sample_s, dtype) -> dict:
     theirs = nn.MultiheadAttention(E, H, dropout=0.0, batch_first=True, dtype=dtype)
     ours_window = MultiheadAttention(E, H, dropout=0.0, window=(W, 0), dtype=dtype)
     ours_causal = MultiheadAttention(E, H, dropout=0.0, dtype=dtype)
-    for m in (ours_window, ours_causal):
-        m.load_state_dict(theirs.state_dict())
-    for m in (theirs, ours_window, ours_causal):
-        m.train()
+    for ours in (ours_window, ours_causal):
+        ours.load_state_dict(theirs.state_dict())
+    for module in (theirs, ours_window, ours_causal):
+        module.train()
     x = torch.randn(B, L, E, dtype=dtype)
     causal = torch.ones(L, L, dtype=torch.bool).triu_(1)  # True = may not attend
     forward = {
