@@ -60,7 +60,7 @@ def chunk_size(mask: AttentionMask) -> int:
 
 def _limits(mask: AttentionMask) -> tuple[int, int | None]:
     """(left, right) of the band; this backend serves only a finite left reach (`not_supported_reasons`)."""
-    left, right = _limits(mask)
+    left, right = mask.band_limits()
     assert left is not None, "the windowed backend needs a finite left reach"
     return left, right
 
