@@ -69,3 +69,14 @@ def test_compare_timing_gives_one_sample_per_round():
     samples = cli.compare_timing({"a": a, "b": b}, rounds=3)
     assert [len(s) for s in samples.values()] == [3, 3]
     assert all(x > 0 for s in samples.values() for x in s)
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys):
+    import multihead.viz as viz
+
+    def missing():
+        raise ImportError("multihead.viz needs matplotlib: install the viz extra (pip install 'multihead[viz]')")
+
+    monkeypatch.setattr(viz, "_import_matplotlib", missing)
+    assert cli.main(["plot", "--out", "unused.png"]) == 2
+    assert "multihead[viz]" in capsys.readouterr().err

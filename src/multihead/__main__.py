@@ -197,7 +197,11 @@ def check() -> int:
 def plot(argv: list[str]) -> int:
     from .viz import main as plot_main
 
-    return plot_main(argv)
+    try:
+        return plot_main(argv)
+    except ImportError as err:  # matplotlib is the optional `viz` extra
+        print(f"multihead plot: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
