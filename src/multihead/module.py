@@ -311,19 +311,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
         ref = module.out_proj.weight
-        ours = cls(
-            module.embed_dim,
-            module.num_heads,
-            dropout=module.dropout,
-            bias=module.in_proj_bias is not None,
-            add_bias_kv=module.bias_k is not None,
-            add_zero_attn=module.add_zero_attn,
-            kdim=module.kdim,
-            vdim=module.vdim,
-            batch_first=module.batch_first,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
+        ours = cls(**torch_config(module), device=ref.device, dtype=ref.dtype)
         ours.load_state_dict(module.state_dict())
         return ours.train(module.training)
 
@@ -373,6 +361,21 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def torch_config(module: nn.MultiheadAttention) -> dict[str, Any]:
+    """The constructor arguments that rebuild torch's `module` as ours (no device, dtype)."""
+    return {
+        "embed_dim": module.embed_dim,
+        "num_heads": module.num_heads,
+        "dropout": module.dropout,
+        "bias": module.in_proj_bias is not None,
+        "add_bias_kv": module.bias_k is not None,
+        "add_zero_attn": module.add_zero_attn,
+        "kdim": module.kdim,
+        "vdim": module.vdim,
+        "batch_first": module.batch_first,
+    }
 
 
 def safe_globals() -> list:

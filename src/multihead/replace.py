@@ -11,7 +11,7 @@ import warnings
 
 from torch import nn
 
-from .module import MultiheadAttention
+from .module import MultiheadAttention, torch_config
 
 __all__ = ["replace_attention"]
 
@@ -50,18 +50,8 @@ def replace_attention(model: nn.Module) -> nn.Module:
 
 def _adopt(theirs: nn.MultiheadAttention, where: str) -> MultiheadAttention:
     """Ours with `theirs`'s configuration, wrapped around `theirs`'s own parameters and out_proj."""
-    ours = MultiheadAttention(
-        theirs.embed_dim,
-        theirs.num_heads,
-        dropout=theirs.dropout,
-        bias=theirs.in_proj_bias is not None,
-        add_bias_kv=theirs.bias_k is not None,
-        add_zero_attn=theirs.add_zero_attn,
-        kdim=theirs.kdim,
-        vdim=theirs.vdim,
-        batch_first=theirs.batch_first,
-        device="meta",  # placeholders only: torch's parameters replace them below
-    )
+    # placeholders on the meta device only: torch's parameters replace them below
+    ours = MultiheadAttention(**torch_config(theirs), device="meta")
     for name, param in theirs._parameters.items():
         placeholder = ours._parameters[name]
         if (param is None) != (placeholder is None) or (
