@@ -238,6 +238,55 @@ def test_dispatch_takes_direct_for_one_tile_calls_with_weights(monkeypatch):
     assert reasons and "one blockwise tile" in reasons[0]
 
 
+def test_dispatch_remembers_its_choice_by_what_the_choice_depends_on(monkeypatch):
+    """Eager calls walk the table once per shape, dtype, mask structure and setting; a setting the
+    backends read (a tile budget, the table itself) changes the answer at once; a forced backend and
+    a compiling call are never served from memory."""
+    q = torch.randn(2, 4, 40, 8)
+    mask = build_mask(
+        attn_mask=None, key_padding_mask=None, is_causal=False, batch=2, heads=4, q_len=40, k_len=40,
+        batched=True, device=q.device,
+    )  # fmt: skip
+    monkeypatch.setattr(backends, "_choices", {})
+    assert backends.choose(q, q, q, mask, need_weights=True) is direct
+    asked = []
+    real = direct.not_supported_reasons
+    monkeypatch.setattr(direct, "not_supported_reasons", lambda *a, **kw: asked.append(1) or real(*a, **kw))
+    assert backends.choose(q, q, q, mask, need_weights=True) is direct and asked == []  # remembered
+    assert backends.choose(q.double(), q.double(), q.double(), mask, need_weights=True) is direct and asked == [1]
+    assert backends.choose(q, q, q, mask, need_weights=True, backend="direct") is direct  # forced: asked again
+    assert asked == [1, 1]
+    monkeypatch.setattr(blockwise, "BLOCK_BYTES", 4 * 4 * 40 * 4)  # tiles of 16 rows: no longer one tile
+    assert backends.choose(q, q, q, mask, need_weights=True) is blockwise and asked == [1, 1, 1]
+    monkeypatch.setattr(backends, "PRIORITY", ("reference",))
+    assert backends.choose(q, q, q, mask, need_weights=True) is reference
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backends._choice_key(q, q, q, mask, True) is None
+
+
+def test_an_empty_row_made_by_two_masks_together_is_found():
+    """No single mask hides every key of row 0 of batch element 1, the causal band and the padding
+    together do: the plain softmax would give NaN there, the safe one zeros (see _may_have_empty_rows)."""
+    B, L, E, H = 2, 5, 8, 2
+    m = MultiheadAttention(E, H)
+    x = torch.randn(B, L, E, requires_grad=True)
+    kpm = torch.zeros(B, L)
+    kpm[1, 0] = float("-inf")  # key 0 of batch element 1 is padding; its query 0 sees only key 0
+    m.backend = "direct"
+    out, w = m(x, x, x, key_padding_mask=kpm, is_causal=True, attn_mask=_causal(L))
+    m.backend = "reference"
+    ref_out, ref_w = m(x, x, x, key_padding_mask=kpm, is_causal=True, attn_mask=_causal(L))
+    assert torch.equal(w[1, 0], torch.zeros(L)) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def _causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).triu(1)
+
+
 def test_priority_puts_direct_between_sdpa_and_blockwise():
     order = backends.PRIORITY
     assert order.index("sdpa") < order.index("direct") < order.index("blockwise")

@@ -8,6 +8,7 @@ fire). `type(m) is torch.nn.MultiheadAttention` is the one check that tells the 
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 
 import pytest
@@ -16,7 +17,8 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import multihead
-from multihead import MultiheadAttention, RotaryEmbedding
+from multihead import MultiheadAttention, RotaryEmbedding, module
+from multihead.module import FusedKernelOff
 
 E, H = 8, 2
 
@@ -149,7 +151,7 @@ def test_fx_symbolic_trace_keeps_our_module_a_leaf():
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_whole_module_weights_only_load(training):
-    """The allow-list covers out_proj's class and the eval-mode hook (see module._our_forward_runs)."""
+    """The allow-list covers out_proj's class and FusedKernelOff with its hook."""
     _, ours = _pair(add_bias_kv=True)
     ours.train(training)
     ours.backend = "reference"
@@ -159,23 +161,39 @@ def test_whole_module_weights_only_load(training):
     with torch.serialization.safe_globals(multihead.safe_globals()):
         loaded = torch.load(buf, weights_only=True)
     assert type(loaded) is MultiheadAttention and loaded.training == training and loaded.backend == "reference"
-    assert len(loaded._forward_pre_hooks) == (0 if training else 1)
+    assert len(loaded._fused_kernel_off._forward_pre_hooks) == 1
     x = torch.randn(2, 5, E)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, x, x), ours(x, x, x), rtol=0, atol=0)
 
 
-def test_eval_hook_follows_the_mode_and_deepcopies():
+def test_the_hook_that_keeps_torchs_fused_kernel_off_is_on_a_child_that_never_runs():
+    """torch's encoder layer looks for a hook on any of its modules; ours carries it on a child that is
+    never called, so our own calls keep nn.Module's fast path (no hook on the module itself)."""
     import copy
 
     m = MultiheadAttention(E, H)
-    assert len(m._forward_pre_hooks) == 0
-    m.eval()
-    m.eval()
-    assert len(m._forward_pre_hooks) == 1
-    assert len(copy.deepcopy(m)._forward_pre_hooks) == 1
-    m.train()
-    assert len(m._forward_pre_hooks) == 0
+    for mode in (True, False):
+        m.train(mode)
+        assert len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0
+        assert [len(c._forward_pre_hooks) for c in m.modules() if isinstance(c, FusedKernelOff)] == [1]
+    assert len(copy.deepcopy(m)._fused_kernel_off._forward_pre_hooks) == 1
+    assert set(m.state_dict()) == set(nn.MultiheadAttention(E, H).state_dict())  # no state of its own
+    calls = []
+    m._fused_kernel_off.register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 5, E)
+    m(x, x, x)
+    assert calls == []  # never called
+
+
+def test_pickles_from_before_the_child_migrate():
+    """A module pickled when the hook sat on the module itself loads with the child instead."""
+    m = MultiheadAttention(E, H).eval()
+    del m._modules["_fused_kernel_off"]
+    m.register_forward_pre_hook(module._our_forward_runs)
+    loaded = pickle.loads(pickle.dumps(m))
+    assert len(loaded._forward_pre_hooks) == 0
+    assert isinstance(loaded._fused_kernel_off, FusedKernelOff)
 
 
 # ---- out_proj runs as a module; the output is not a view ---------------------------------------

@@ -104,7 +104,9 @@ def test_dropout_zero_is_deterministic_and_eval_is_identity():
     dropping.eval()
     ours.eval()
     for need_weights in (True, False):
-        torch.testing.assert_close(dropping(x, x, x, need_weights=need_weights)[0], ours(x, x, x, need_weights=need_weights)[0])
+        torch.testing.assert_close(
+            dropping(x, x, x, need_weights=need_weights)[0], ours(x, x, x, need_weights=need_weights)[0]
+        )
 
 
 def test_dropout_weights_are_the_ones_applied():
@@ -140,7 +142,11 @@ def test_from_torch_keeps_layout_device_dtype_and_mode_and_round_trips():
     theirs = torch.nn.MultiheadAttention(12, 3, kdim=5, vdim=7, dtype=torch.float64).eval()
     ours = MultiheadAttention.from_torch(theirs)
     assert ours.batch_first is False and not ours.training and ours.out_proj.weight.dtype == torch.float64
-    q, k, v = torch.randn(4, 2, 12, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(3, 2, 7, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(4, 2, 12, dtype=torch.float64),
+        torch.randn(3, 2, 5, dtype=torch.float64),
+        torch.randn(3, 2, 7, dtype=torch.float64),
+    )
     torch.testing.assert_close(ours(q, k, v)[0], theirs(q, k, v)[0])
     back = ours.to_torch()
     assert isinstance(back, torch.nn.MultiheadAttention) and back.batch_first is False and not back.training

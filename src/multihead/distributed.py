@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import _project
+from .functional import _project_heads
 from .module import MultiheadAttention
 from .validation import check_inputs
 
@@ -505,11 +505,8 @@ class ContextParallel(nn.Module):
             full = _unshard(key_padding_mask, 1, [x[1] for x in lengths], self.group, self.load_balance)
             key_bias = full.to(query.dtype) if full.is_floating_point() else _additive(full, query.dtype)
 
-        kv_dim = mod.num_kv_heads * mod.head_dim
-        q, k, v = _project(query, key, value, w, shared, mod.embed_dim, kv_dim)  # (B, n, E), (B, m, Hkv*D) x2
-        q = q.unflatten(-1, (mod.num_heads, mod.head_dim)).transpose(1, 2)  # (B, H, n, D)
-        k = k.unflatten(-1, (mod.num_kv_heads, mod.head_dim)).transpose(1, 2)  # (B, Hkv, m, D)
-        v = v.unflatten(-1, (mod.num_kv_heads, mod.head_dim)).transpose(1, 2)
+        # (B, H, n, D), (B, Hkv, m, D) x2
+        q, k, v = _project_heads(query, key, value, w, shared, mod.num_heads, mod.num_kv_heads, mod.head_dim, False)
         if mod.rotary is not None:  # each token at its global position
             q_pos = _positions(q_layout[rank], query.device)
             k_pos = _positions(k_layout[rank], query.device)

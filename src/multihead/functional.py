@@ -83,7 +83,6 @@ def multi_head_attention(
         )  # fmt: skip
     embed_dim = weights.out_proj_weight.shape[0]
     head_dim = embed_dim // num_heads
-    kv_dim = num_kv_heads * head_dim
     packed = weights.in_proj_weight is not None
     kdim = vdim = embed_dim
     if not packed:  # Projections: without in_proj_weight, the three separate weights are set
@@ -134,10 +133,8 @@ def multi_head_attention(
             num_kv_heads=num_kv_heads, need_weights=need_weights, average_attn_weights=average_attn_weights,
             dropout_p=dropout_p, rotary=rotary, batched=batched, batch_first=batch_first,
         )  # fmt: skip
-    q, k, v = _project(query, key, value, weights, shared, embed_dim, kv_dim)  # (L, B, E), (S, B, Hkv*D) x2
-    q = _split_heads(q, num_heads, head_dim, seq_first)  # (B, H, L, D)
-    k = _split_heads(k, num_kv_heads, head_dim, seq_first)  # (B, Hkv, S, D)
-    v = _split_heads(v, num_kv_heads, head_dim, seq_first)
+    # (B, H, L, D), (B, Hkv, S, D) x2: views of the projections' outputs
+    q, k, v = _project_heads(query, key, value, weights, shared, num_heads, num_kv_heads, head_dim, seq_first)
 
     if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
         positions = kv_cache.positions(q_len)  # (B, L)
@@ -177,11 +174,12 @@ def multi_head_attention(
 
     # torch's memory layout, (L, B, E) whatever batch_first says: a dropout applied to our output
     # (as in nn.TransformerEncoderLayer) then draws its mask in the same order as torch's
-    out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E)
-    if out_proj is not None:  # on (L*B, E) as torch does: its output is not a view (FSDP2 hooks it)
-        out = out_proj(out.reshape(q_len * batch, embed_dim)).view(q_len, batch, embed_dim)
+    out = out.permute(2, 0, 1, 3).reshape(q_len * batch, embed_dim)  # (L*B, E)
+    if out_proj is not None:  # called on (L*B, E) as torch does: its output is not a view (FSDP2 hooks it)
+        out = out_proj(out).view(q_len, batch, embed_dim)
     else:
-        out = F.linear(out, weights.out_proj_weight, _bias_like(weights.out_proj_bias, weights.out_proj_weight))
+        out_bias = _bias_like(weights.out_proj_bias, weights.out_proj_weight)
+        out = F.linear(out, weights.out_proj_weight, out_bias).view(q_len, batch, embed_dim)
     # the returned output is never a view (in-place ops on it stay safe, FSDP2 included): a linear
     # on 3-D input returns a view of its 2-D result; clone keeps the (L, B, E) strides
     if not batched:
@@ -191,28 +189,45 @@ def multi_head_attention(
     return out.clone(), attn
 
 
-def _project(
-    query: Tensor, key: Tensor, value: Tensor, w: Projections, shared: str | None, embed_dim: int, kv_dim: int
+def _project_heads(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    w: Projections,
+    shared: str | None,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    seq_first: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Input projections, fused where the inputs allow: one matmul for self-attention, two when
-    key is value."""
-    sizes = [embed_dim, kv_dim, kv_dim]
+    """Input projections, fused where the inputs allow (one matmul for self-attention, two when key
+    is value), with heads split as views: (B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, D)."""
+    embed_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     weight = w.in_proj_weight if w.in_proj_weight is not None else w.q_proj_weight
     assert weight is not None  # Projections: in_proj_weight or the three separate weights are set
-    if w.in_proj_bias is not None and w.in_proj_bias.dtype != weight.dtype:  # mixed parameter dtypes
-        w = w._replace(in_proj_bias=w.in_proj_bias.to(weight.dtype))
-    b_q, b_k, b_v = (None, None, None) if w.in_proj_bias is None else w.in_proj_bias.split(sizes)
-    if w.in_proj_weight is not None:
-        if shared == "qkv":
-            return F.linear(query, w.in_proj_weight, w.in_proj_bias).split(sizes, dim=-1)
-        w_q, w_k, w_v = w.in_proj_weight.split(sizes)
-        if shared == "kv":
-            b_kv = None if w.in_proj_bias is None else w.in_proj_bias[embed_dim:]
-            k, v = F.linear(key, w.in_proj_weight[embed_dim:], b_kv).split([kv_dim, kv_dim], dim=-1)
-            return F.linear(query, w_q, b_q), k, v
+    bias = _bias_like(w.in_proj_bias, weight)  # mixed parameter dtypes: the weights' dtype
+    if w.in_proj_weight is not None and shared == "qkv" and kv_heads == heads:  # the common self-attention
+        qkv = F.linear(query, w.in_proj_weight, bias)  # (L, B, 3E) seq first, else (B, L, 3E)
+        qkv = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim)
+        return qkv.permute(2, 1, 3, 0, 4).unbind(0) if seq_first else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    sizes = [embed_dim, kv_dim, kv_dim]
+    b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(sizes)
+    if w.in_proj_weight is not None and shared == "qkv":
+        q, k, v = F.linear(query, w.in_proj_weight, bias).split(sizes, dim=-1)
+    elif w.in_proj_weight is not None and shared == "kv":
+        b_kv = None if bias is None else bias[embed_dim:]
+        k, v = F.linear(key, w.in_proj_weight[embed_dim:], b_kv).split([kv_dim, kv_dim], dim=-1)
+        q = F.linear(query, w.in_proj_weight[:embed_dim], b_q)
     else:
-        w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
-    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        w_q, w_k, w_v = (w.q_proj_weight, w.k_proj_weight, w.v_proj_weight) if w.in_proj_weight is None else (
+            w.in_proj_weight.split(sizes)
+        )  # fmt: skip
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    return (
+        _split_heads(q, heads, head_dim, seq_first),
+        _split_heads(k, kv_heads, head_dim, seq_first),
+        _split_heads(v, kv_heads, head_dim, seq_first),
+    )
 
 
 def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:

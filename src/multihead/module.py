@@ -32,17 +32,26 @@ __all__ = ["MultiheadAttention"]
 
 
 def _our_forward_runs(module: nn.Module, args: tuple) -> None:
-    """The forward pre-hook every module of ours carries in eval mode (it does nothing).
+    """The do-nothing forward pre-hook that `FusedKernelOff` carries (it never runs: see there)."""
+    return None
+
+
+class FusedKernelOff(nn.Module):
+    """A child of every module of ours that is never called; it carries one do-nothing forward pre-hook.
 
     torch's `nn.TransformerEncoderLayer` runs its own fused kernel (`torch._transformer_encoder_layer_fwd`)
     on `self_attn`'s weights in eval unless, among other things, a forward hook is attached to one of
     its modules (torch/nn/modules/transformer.py: "forward pre-/hooks are attached to the module").
     That is the one condition that says truthfully what we need: this module's forward must run. Every
     other condition torch reads (`_qkv_same_embed_dim`, `in_proj_bias`, `batch_first`, ...) describes
-    the weights and stays true to them. Train mode never takes the fused path, so the hook is attached
-    only in eval (`train(False)`), and train-mode calls pay nothing for it.
-    """
-    return None
+    the weights and stays true to them. The hook sits on this child, not on the attention module: a
+    module with a hook takes `nn.Module.__call__`'s slower path on every call (about 15 µs, which a
+    small call notices), and this child is never called. It has no parameters or buffers, so state
+    dicts are unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_our_forward_runs)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -56,7 +65,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     so torch's functional form refuses them loudly; rotary and window leave no trace in the weights,
     so check `m.rotary`/`m.window` (or `type(m) is torch.nn.MultiheadAttention`, the one check that
     tells the two classes apart) before reading weights. Inside torch's encoder layer our forward
-    runs in eval too (see `_our_forward_runs`).
+    runs in eval too (see `FusedKernelOff`).
 
     Args:
         embed_dim: E, model width; must be divisible by `num_heads`.
@@ -150,13 +159,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             self.register_parameter("bias_k", None)
             self.register_parameter("bias_v", None)
+        self._fused_kernel_off = FusedKernelOff()  # our forward runs inside torch's encoder layer too
         self._reset_parameters()
 
     # ---- torch's methods: each is ours or torch's on purpose ------------------------------------
     # __init__: ours (above); torch's never runs (nn.Module.__init__ is called directly).
     # _reset_parameters: ours; torch's knows no grouped-query shapes. Same order, same numbers.
     # __setstate__: ours, then torch's (which defaults `_qkv_same_embed_dim` for torch-1.1 pickles).
-    # forward: ours. torch's never runs, also not from torch's layers (see `_our_forward_runs`).
+    # forward: ours. torch's never runs, also not from torch's layers (see `FusedKernelOff`).
     # merge_masks: torch's, inherited on purpose: pure mask arithmetic for torch's fused encoder
     #     kernel, which does not run on our module; kept so code that calls it gets torch's answer.
 
@@ -186,23 +196,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         state.setdefault("num_kv_heads", state.get("num_heads"))
         state.setdefault("_backend", state.pop("backend", None))
         state.setdefault("window", None)
+        hooks = state.get("_forward_pre_hooks", {})  # pickles before FusedKernelOff carried its hook themselves
+        for key in [key for key, hook in hooks.items() if hook is _our_forward_runs]:
+            del hooks[key]
         super().__setstate__(state)
-        self._sync_layer_hook()
-
-    def train(self, mode: bool = True) -> MultiheadAttention:
-        super().train(mode)
-        self._sync_layer_hook()
-        return self
-
-    def _sync_layer_hook(self) -> None:
-        """Attach `_our_forward_runs` in eval mode, remove it in train mode."""
-        hooks = self._forward_pre_hooks
-        ours = [key for key, hook in hooks.items() if hook is _our_forward_runs]
-        if not self.training and not ours:
-            self.register_forward_pre_hook(_our_forward_runs)
-        elif self.training:
-            for key in ours:
-                del hooks[key]
+        if "_fused_kernel_off" not in self._modules:
+            self._fused_kernel_off = FusedKernelOff()
 
     @property
     def backend(self) -> str | None:
@@ -216,17 +215,23 @@ class MultiheadAttention(nn.MultiheadAttention):
         self._backend = name
 
     def projections(self) -> Projections:
-        return Projections(
-            self.in_proj_weight,
-            self.q_proj_weight,
-            self.k_proj_weight,
-            self.v_proj_weight,
-            self.in_proj_bias,
-            self.bias_k,
-            self.bias_v,
-            self.out_proj.weight,
-            self.out_proj.bias,
+        """The weights this call uses, read from `_parameters`, where `torch.func.functional_call` and
+        FSDP2 put the tensors they swap in (a dict read per weight costs less than `nn.Module.__getattr__`,
+        which small calls notice); as attributes when a parametrization or `weight_norm` moved one out."""
+        p, out = self._parameters, self.out_proj
+        names = (
+            "in_proj_weight",
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "in_proj_bias",
+            "bias_k",
+            "bias_v",
         )
+        try:
+            return Projections(*[p[name] for name in names], out._parameters["weight"], out._parameters["bias"])
+        except KeyError:
+            return Projections(*[getattr(self, name) for name in names], out.weight, out.bias)
 
     def forward(
         self,
@@ -379,11 +384,18 @@ def torch_config(module: nn.MultiheadAttention) -> dict[str, Any]:
 
 
 def safe_globals() -> list:
-    """Classes (and the eval-mode hook function) to allow-list for `torch.load(path, weights_only=True)`
+    """Classes (and `FusedKernelOff`'s hook function) to allow-list for `torch.load(path, weights_only=True)`
     of a whole module: `torch.serialization.add_safe_globals(multihead.safe_globals())`."""
     from .rotary import RotaryEmbedding
 
-    return [MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, RotaryEmbedding, _our_forward_runs]
+    return [
+        MultiheadAttention,
+        NonDynamicallyQuantizableLinear,
+        nn.Linear,
+        RotaryEmbedding,
+        FusedKernelOff,
+        _our_forward_runs,
+    ]
 
 
 def _fx_leaf(module: MultiheadAttention, args: tuple, kwargs: dict):

@@ -63,6 +63,8 @@ def check_inputs(
     param: Tensor,
 ) -> bool:
     """Validate query/key/value; return whether they are batched (3-D) rather than unbatched (2-D)."""
+    if _well_formed(query, key, value, embed_dim, kdim, vdim, batch_first, param):
+        return query.dim() == 3
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -122,6 +124,31 @@ def check_inputs(
                 f"cast one of them (module.to({t.dtype}) or {name}.to({param.dtype})), or run under torch.autocast"
             )
     return batched
+
+
+def _well_formed(query, key, value, embed_dim: int, kdim: int, vdim: int, batch_first: bool, param: Tensor) -> bool:
+    """The common case in one expression (small calls notice the cost of the checks): tensors of 2 or 3
+    dimensions with the expected feature sizes, matching batch and key lengths, and the parameters'
+    dtype and device. False sends the call through the checks that say what is wrong (or that let
+    autocast's dtypes through)."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return False
+    qs, ks, vs = query.shape, key.shape, value.shape
+    n = len(qs)
+    batch = 0 if batch_first else 1  # of 3-D inputs
+    seq = -2 if n == 2 or batch_first else 0
+    dtype, device = param.dtype, param.device
+    return (
+        (n == 3 or n == 2)
+        and len(ks) == n
+        and len(vs) == n
+        and (qs[-1], ks[-1], vs[-1]) == (embed_dim, kdim, vdim)
+        and ks[seq] == vs[seq]
+        and (n == 2 or qs[batch] == ks[batch] == vs[batch])
+        and query.dtype == key.dtype == value.dtype == dtype
+        and dtype.is_floating_point
+        and query.device == key.device == value.device == device
+    )
 
 
 def check_cache_call(kv_cache, attn_mask, key_padding_mask, weights, add_zero_attn: bool, batched: bool) -> None:

@@ -50,16 +50,68 @@ def get(name: str) -> ModuleType:
 def choose(
     q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool, backend: str | None = None
 ) -> ModuleType:
-    """The backend that serves this request: the forced one, or the first of `_priority()` that can."""
-    chosen = _priority() if backend is None else (backend,)
+    """The backend that serves this request: the forced one, or the first of `_priority()` that can.
+
+    In eager mode the choice is remembered by everything it depends on (`_choice_key`): walking the
+    table costs a small call more than some of its ops."""
+    key = _choice_key(q, k, v, mask, need_weights) if backend is None else None
+    name = _choices.get(key) if key is not None else None
+    if name is None:
+        name = _first_serving(_priority() if backend is None else (backend,), q, k, v, mask, need_weights, backend)
+        if key is not None:
+            if len(_choices) >= _MAX_CHOICES:
+                _choices.clear()
+            _choices[key] = name
+    return COMPILED.get(name, get(name)) if torch.compiler.is_compiling() else get(name)
+
+
+def _first_serving(
+    names: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, need_weights: bool, forced: str | None
+) -> str:
     reasons: dict[str, list[str]] = {}
-    for name in chosen:
-        why = _reasons(name, q, k, v, mask, need_weights=need_weights, forced=backend is not None)
+    for name in names:
+        why = _reasons(name, q, k, v, mask, need_weights=need_weights, forced=forced is not None)
         if not why:
-            return COMPILED.get(name, get(name)) if torch.compiler.is_compiling() else get(name)
+            return name
         reasons[name] = why
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in reasons.items())
     raise ValueError(f"no attention backend can serve this call ({detail})")
+
+
+_choices: dict[tuple, str] = {}  # eager dispatch decisions by `_choice_key`
+_MAX_CHOICES = 4096  # a program calling with ever new shapes starts over rather than grow without end
+
+
+def _choice_key(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, need_weights: bool) -> tuple | None:
+    """Everything a backend's `not_supported_reasons` reads, or None where nothing is remembered (while
+    compiling, tracing or exporting: there the shapes may be symbolic and the table is another).
+    Shapes, dtype and device; the mask's structure (not its values); and the settings the reasons read,
+    so that changing one (a test, a benchmark) is seen at once. A backend whose reasons read something
+    new must add it here."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return None
+    kp, dense = mask.key_padding, mask.dense
+    return (
+        q.shape,
+        k.shape,
+        v.shape,
+        q.dtype,
+        q.device,
+        need_weights,
+        mask.causal,
+        mask.offset,
+        mask.window,
+        None if kp is None else (kp.dtype, kp.requires_grad),
+        None if dense is None else (dense.shape, dense.dtype, dense.requires_grad),
+        PRIORITY,
+        torch.get_num_threads(),
+        blockwise.tile_budget_bytes(q.device),  # BLOCK_BYTES, or the machine's budget
+        blockwise.PARALLEL_MIN_ELEMENTS,
+        windowed.MIN_CHUNK,
+        windowed.MAX_CHUNK,
+        windowed.MAX_SHARE,
+        triton.MAX_HEAD_DIM,
+    )
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool) -> dict[str, list[str]]:

@@ -127,7 +127,14 @@ def tile_budget_bytes(device: torch.device | str = "cpu") -> int:
     L2, read once) or 64 MiB on a GPU. A call whose B*H*L*S scores fit is served by a single tile."""
     if BLOCK_BYTES is not None:
         return BLOCK_BYTES
-    return hardware.tile_budget_bytes(hardware.topology(), device)
+    topology, kind = hardware.topology(), device if isinstance(device, str) else device.type
+    known = _budgets.get(kind)
+    if known is None or known[0] is not topology:  # computed once per machine reading and device kind
+        known = _budgets[kind] = (topology, hardware.tile_budget_bytes(topology, kind))
+    return known[1]
+
+
+_budgets: dict[str, tuple[hardware.Topology, int]] = {}
 
 
 #: A tile also reads its keys and values (2*Hkv*s*D elements): at long key lengths they, not the

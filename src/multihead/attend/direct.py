@@ -86,24 +86,39 @@ def attend(
     kg, vg = k.reshape(B * Hkv, S, D), v.reshape(B * Hkv, S, D)
     scores = torch.baddbmm(qg.new_empty(B * Hkv, G * L, S), qg, kg.transpose(1, 2), beta=0.0, alpha=scale)
     bias = mask.additive(scores.dtype, scores.device)  # (1|B, 1|H, L, S) | None; None: no row is empty
-    softmax = _safe_softmax if bias is not None else torch.softmax
-    short = scores.device.type == "cpu" and not torch.compiler.is_compiling()  # eager: compile fuses its own
-    if short and S * scores.element_size() < vector_bytes():
+    softmax = torch.softmax if bias is None or not _may_have_empty_rows(bias) else _safe_softmax
+    if scores.device.type == "cpu" and S * scores.element_size() < vector_bytes() and not torch.compiler.is_compiling():
         # torch's CPU softmax vectorises along a row: rows shorter than one SIMD register run a scalar
         # loop, several times slower than a copy to (S, B, H, L), where the softmax over dim 0 is
-        # vectorised across all B*H*L rows
+        # vectorised across all B*H*L rows (eager only: compile fuses its own)
         scores = scores.permute(2, 0, 1).contiguous().view(S, B, H, L)
         if bias is not None:
             scores.add_(bias.permute(3, 0, 1, 2))
-        probs = softmax(scores, 0).permute(1, 2, 3, 0)  # (B, H, L, S) view
+        probs_sbhl = softmax(scores, 0)  # (S, B, H, L)
+        probs = probs_sbhl.permute(1, 2, 3, 0)  # (B, H, L, S) view
+        grouped = probs_sbhl.view(S, B * Hkv, G * L).permute(1, 2, 0)  # (B*Hkv, G*L, S) view: no copy for the GEMM
     else:
         scores = scores.view(B, H, L, S)
         if bias is not None:
             scores.add_(bias)
         probs = softmax(scores, -1)  # (B, H, L, S), zero rows where nothing is visible
+        grouped = probs.view(B * Hkv, G * L, S)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)  # the weights returned are these: the ones applied
-    out = torch.bmm(probs.reshape(B * Hkv, G * L, S), vg).view(B, H, L, D)
+        grouped = probs.reshape(B * Hkv, G * L, S)
+    out = torch.bmm(grouped, vg).view(B, H, L, D)
     if not need_weights:
         return out, None
     return out, (probs.mean(dim=1) if average_weights else probs).contiguous()  # torch's contiguous layout
+
+
+def _may_have_empty_rows(bias: Tensor) -> bool:
+    """Whether a query row of the additive mask hides every key (its softmax needs the safe form).
+
+    `torch._safe_softmax` costs about four softmaxes on the CPU (it scans the scores for rows of -inf
+    after the softmax); the mask is up to H times smaller than the scores and almost never has an
+    empty row, so on the CPU (where reading the answer does not stall a device) we look there first.
+    Elsewhere, and under autograd's create_graph, the safe form always runs."""
+    if bias.device.type != "cpu" or torch.compiler.is_compiling() or bias.shape[-1] == 0:
+        return True
+    return bias.amax(dim=-1).min().item() == float("-inf")  # NaN: False, and both forms give NaN
