@@ -94,6 +94,26 @@ def test_causal_pattern_is_recognised_and_other_masks_are_not():
     assert not build_mask(attn_mask=almost, q_len=6, k_len=6, **common).is_plain_causal
 
 
+@pytest.mark.parametrize("shape", [(600, 600), (600, 300), (300, 600), (7, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64], ids=str)
+def test_causal_pattern_check_reads_every_entry_of_a_long_mask(shape, dtype):
+    """The check runs block by block (256 rows): one changed entry anywhere (before a block, in its
+    triangle, after it; a NaN) makes it not causal, in every layout of the blocks."""
+    from multihead.masks import _is_causal_pattern
+
+    L, S = shape
+    hidden = torch.ones(L, S, dtype=torch.bool).triu(1)
+    mask = hidden if dtype == torch.bool else torch.zeros(L, S, dtype=dtype).masked_fill(hidden, float("-inf"))
+    assert _is_causal_pattern(mask)
+    for i, j in [(L - 1, 0), (L - 1, min(S, L) - 1), (0, S - 1), (min(L, S) - 1, min(L, S) - 2), (L // 2, S // 2)]:
+        changed = mask.clone()
+        if dtype == torch.bool:
+            changed[i, j] = not changed[i, j]
+        else:
+            changed[i, j] = float("nan") if (i + j) % 2 else (0.0 if changed[i, j] else float("-inf"))
+        assert not _is_causal_pattern(changed), (i, j)
+
+
 def test_dropout_zero_is_deterministic_and_eval_is_identity():
     theirs, ours = pair(embed_dim=16, num_heads=4, dropout=0.0, batch_first=True)
     x = torch.randn(2, 7, 16)

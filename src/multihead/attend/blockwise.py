@@ -428,8 +428,9 @@ def _contiguous(t: Tensor) -> Tensor:
 
 
 def _transposed(t: Tensor) -> Tensor:
-    """(B, Hkv, S, D) -> contiguous (B, Hkv, D, S)."""
-    return t.transpose(2, 3).contiguous()
+    """(B, Hkv, S, D) -> contiguous (B, Hkv, D, S). From the projection's strided view, a copy to
+    contiguous first: transposing contiguous rows is about 3x faster than gathering the strided ones."""
+    return _contiguous(t).transpose(2, 3).contiguous()
 
 
 def _rows(t: Tensor, b0: int, b1: int, q0: int, q1: int, hkv: int) -> Tensor:
@@ -478,8 +479,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tens
     out = q.new_empty(L, B, Hkv, G, D)  # returned as (B, H, L, D), a view of (L, B, H, D): torch's layout
     weights = None
     if plan.need_weights:
-        shape = (B, L, S) if plan.average else (B, H, L, S)
-        weights = q.new_zeros(shape) if plan.mask.has_band else q.new_empty(shape)
+        # each tile writes its rows whole, zeros where its band hides the keys: a first touch of
+        # fresh memory (its page faults) shared by the workers, instead of a zero fill up front
+        weights = q.new_empty((B, L, S) if plan.average else (B, H, L, S))
     n_scores, n_rows = _scratch_sizes(plan, B, H, L, S, D)
     q, kt, v = _contiguous(q), _transposed(k), _contiguous(v)  # (B, H, L, D), (B, Hkv, D, S), (B, Hkv, S, D)
 
@@ -491,6 +493,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tens
         nb, r, s = b1 - b0, q1 - q0, k_hi - k_lo
         if s == 0:  # no key visible from any row of the tile
             out[q0:q1, b0:b1].zero_()
+            if weights is not None:
+                _weight_rows(weights, plan.average, b0, b1, q0, q1).zero_()
             return
         sc = scratch[0][: nb * H * r * s].view(nb * Hkv, r * G, s)
         qb = _rows(q, b0, b1, q0, q1, Hkv)
@@ -509,11 +513,19 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> tuple[Tensor, Tens
     return out.view(L, B, H, D).permute(1, 2, 0, 3), weights
 
 
+def _weight_rows(weights: Tensor, average: bool, b0: int, b1: int, q0: int, q1: int) -> Tensor:
+    """The (nb, r, S) or (nb, H, r, S) rows of the weights a tile owns."""
+    return weights[b0:b1, q0:q1] if average else weights[b0:b1, :, q0:q1]
+
+
 def _write_weights(weights: Tensor, p: Tensor, average: bool, tile: Tile, Hkv: int, G: int) -> None:
     """Write a tile's probabilities p (nb*Hkv, r*G, s) into the weights: their mean over heads
-    (B, L, S) or per head (B, H, L, S)."""
+    (B, L, S) or per head (B, H, L, S); zeros for the keys outside the tile's [k_lo, k_hi)."""
     _, b0, b1, q0, q1, k_lo, k_hi = tile
     nb, r, s = b1 - b0, q1 - q0, k_hi - k_lo
+    rows = _weight_rows(weights, average, b0, b1, q0, q1)
+    rows[..., :k_lo].zero_()
+    rows[..., k_hi:].zero_()
     if not average:
         dst = weights[b0:b1, :, q0:q1, k_lo:k_hi].unflatten(1, (Hkv, G))
         dst.copy_(p.view(nb, Hkv, r, G, s).transpose(2, 3))
