@@ -209,7 +209,8 @@ def _project_heads(
     if w.in_proj_weight is not None and shared == "qkv" and kv_heads == heads:  # the common self-attention
         qkv = F.linear(query, w.in_proj_weight, bias)  # (L, B, 3E) seq first, else (B, L, 3E)
         qkv = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim)
-        return qkv.permute(2, 1, 3, 0, 4).unbind(0) if seq_first else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (qkv.permute(2, 1, 3, 0, 4) if seq_first else qkv.permute(2, 0, 3, 1, 4)).unbind(0)
+        return q, k, v
     sizes = [embed_dim, kv_dim, kv_dim]
     b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(sizes)
     if w.in_proj_weight is not None and shared == "qkv":
@@ -219,9 +220,11 @@ def _project_heads(
         k, v = F.linear(key, w.in_proj_weight[embed_dim:], b_kv).split([kv_dim, kv_dim], dim=-1)
         q = F.linear(query, w.in_proj_weight[:embed_dim], b_q)
     else:
-        w_q, w_k, w_v = (w.q_proj_weight, w.k_proj_weight, w.v_proj_weight) if w.in_proj_weight is None else (
-            w.in_proj_weight.split(sizes)
-        )  # fmt: skip
+        if w.in_proj_weight is not None:
+            w_q, w_k, w_v = w.in_proj_weight.split(sizes)
+        else:  # Projections: without in_proj_weight, the three separate weights are set
+            assert w.q_proj_weight is not None and w.k_proj_weight is not None and w.v_proj_weight is not None
+            w_q, w_k, w_v = w.q_proj_weight, w.k_proj_weight, w.v_proj_weight
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
     return (
         _split_heads(q, heads, head_dim, seq_first),

@@ -219,19 +219,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         FSDP2 put the tensors they swap in (a dict read per weight costs less than `nn.Module.__getattr__`,
         which small calls notice); as attributes when a parametrization or `weight_norm` moved one out."""
         p, out = self._parameters, self.out_proj
-        names = (
-            "in_proj_weight",
-            "q_proj_weight",
-            "k_proj_weight",
-            "v_proj_weight",
-            "in_proj_bias",
-            "bias_k",
-            "bias_v",
-        )
         try:
-            return Projections(*[p[name] for name in names], out._parameters["weight"], out._parameters["bias"])
+            return Projections(
+                p["in_proj_weight"], p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"], p["in_proj_bias"],
+                p["bias_k"], p["bias_v"], out._parameters["weight"], out._parameters["bias"],  # type: ignore[arg-type]
+            )  # fmt: skip
         except KeyError:
-            return Projections(*[getattr(self, name) for name in names], out.weight, out.bias)
+            return Projections(
+                self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, out.weight, out.bias,
+            )  # fmt: skip
 
     def forward(
         self,
