@@ -94,11 +94,11 @@ def test_causal_pattern_is_recognised_and_other_masks_are_not():
     assert not build_mask(attn_mask=almost, q_len=6, k_len=6, **common).is_plain_causal
 
 
-@pytest.mark.parametrize("shape", [(600, 600), (600, 300), (300, 600), (7, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(600, 600), (600, 300), (300, 600), (1100, 1000), (7, 5)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64], ids=str)
 def test_causal_pattern_check_reads_every_entry_of_a_long_mask(shape, dtype):
-    """The check runs block by block (256 rows): one changed entry anywhere (before a block, in its
-    triangle, after it; a NaN) makes it not causal, in every layout of the blocks."""
+    """Beyond 1 MiB the check runs block by block (256 rows); below, one comparison. One changed entry
+    anywhere (before a block, in its triangle, after it; a NaN) makes it not causal, in every layout."""
     from multihead.masks import _is_causal_pattern
 
     L, S = shape

@@ -202,6 +202,8 @@ def _is_causal_pattern(mask: Tensor) -> bool:
         return False
     dtype = None if mask.dtype == torch.bool else mask.dtype
     q_len, k_len = mask.shape
+    if mask.numel() * mask.element_size() <= _CACHED_BAND_BYTES:  # small: one comparison with the cached band
+        return torch.equal(mask, _band(0, q_len, k_len, None, 0, dtype, mask.device))
     for r0 in range(0, q_len, _CAUSAL_CHECK_ROWS):
         r1 = min(q_len, r0 + _CAUSAL_CHECK_ROWS)
         c1 = max(r0, min(k_len, r1))  # the block's triangle spans keys [r0, c1)
