@@ -168,24 +168,31 @@ class KVCache(nn.Module):
             self._explain_shapes(k_new, v_new)
         if k_new.dtype != k_buf.dtype or v_new.dtype != k_buf.dtype or k_new.device != k_buf.device:
             self._explain_dtypes(k_new, v_new)
+        start = None  # where every sequence writes, when the Python side knows it (eager, equal lengths)
         if torch.compiler.is_compiling():
             self.bound = None  # a write only: no guard, no recompile; the next eager call re-reads
             keys = self.max_len
             unmasked = False
         else:
             self.check_room(length)
-            keys = self.bound = self._bound() + length
+            before = self._bound()  # with equal lengths, the lengths themselves
+            keys = self.bound = before + length
+            start = before if self._uniform else None
             left = None if window is None else window[0]
             unmasked = length == 1 and self._uniform and (left is None or left >= keys - 1)
-        pos = lengths[:, None] + cols[:length]  # (B, L)
-        # index_put_ (not scatter_): inductor writes it in place into the buffer, with no copy back
-        k_buf[self._rows, :, pos] = k_new.transpose(1, 2)  # indexed (B, L, Hkv, D)
-        v_buf[self._rows, :, pos] = v_new.transpose(1, 2)
+        pos = None if start is not None and unmasked else lengths[:, None] + cols[:length]  # (B, L)
+        if start is not None:  # a slice write: no index tensors (a decode step notices)
+            k_buf[:, :, start:keys].copy_(k_new)
+            v_buf[:, :, start:keys].copy_(v_new)
+        else:  # index_put_ (not scatter_): inductor writes it in place into the buffer, with no copy back
+            k_buf[self._rows, :, pos] = k_new.transpose(1, 2)  # indexed (B, L, Hkv, D)
+            v_buf[self._rows, :, pos] = v_new.transpose(1, 2)
         lengths.add_(length)
         if keys < self.max_len:
             k_buf, v_buf, cols = k_buf[:, :, :keys], v_buf[:, :, :keys], cols[:keys]  # (B, Hkv, S, D), (S,)
         if unmasked:
             return k_buf, v_buf, None
+        assert pos is not None  # computed unless unmasked
         pos = pos[:, :, None]  # (B, L, 1)
         hidden = cols > pos  # (B, L, S)
         if window is not None and window[0] is not None:
