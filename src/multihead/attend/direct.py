@@ -10,7 +10,8 @@ softmax, dropout, one GEMM with V. Its memory is the one tile's scores (B*H*L*S)
 for the backward.
 
 Semantics are the house's: a query row with no visible key gives zero output, zero weights and
-finite (zero) gradients (`torch._safe_softmax`, whose backward is softmax's: zero for a zero row);
+finite (zero) gradients (`torch._safe_softmax`, whose backward is softmax's: zero for a zero row; it
+costs about four softmaxes on the CPU, so it runs only when the mask has an empty row);
 the weights returned are the ones applied to V (after dropout); grouped-query heads share their kv
 head's GEMM; every mask form comes from `AttentionMask.additive`; any floating dtype.
 
