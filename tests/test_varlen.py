@@ -459,3 +459,28 @@ def test_cuda_varlen_kernel(dtype, always_pack):
     assert_flash_rule(out, base_out, exact_out, "out", atol=1e-3)
     for name in grads:
         assert_flash_rule(grads[name], base_grads[name], exact_grads[name], f"grad {name}", atol=1e-3)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_and_nested_paths_end_as_the_dense_one(always_pack, batch_first):
+    """out_proj is called as a module (its hooks fire, FSDP2 can shard it alone) and the output is
+    not a view, with torch's (L, B, E) strides, on the packed path and the nested path too."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    ours = MultiheadAttention.from_torch(theirs)
+    seen = []
+    ours.out_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    x = torch.randn((2, 6, 16) if batch_first else (6, 2, 16))
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    out, _ = ours(x, x, x, key_padding_mask=pad)
+    expected, _ = theirs(x, x, x, key_padding_mask=pad)
+    assert always_pack == [1] and len(seen) == 1
+    assert out._base is None and out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if batch_first:  # nested input (batch first only): the same ending
+        nested = torch.nested.nested_tensor([x[0], x[1, :4]], layout=torch.jagged)
+        ours.eval()
+        with torch.no_grad():
+            ours(nested, nested, nested, need_weights=False)
+        assert len(seen) == 2

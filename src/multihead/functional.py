@@ -80,6 +80,7 @@ def multi_head_attention(
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal, dropout_p=dropout_p,
             add_zero_attn=add_zero_attn, backend=backend, rotary=rotary, window=window, kv_cache=kv_cache,
+            out_proj=out_proj,
         )  # fmt: skip
     embed_dim = weights.out_proj_weight.shape[0]
     head_dim = embed_dim // num_heads
@@ -131,7 +132,7 @@ def multi_head_attention(
         return varlen.packed_attention(
             bf(query), bf(key), bf(value), weights, mask, shared=shared, num_heads=num_heads,
             num_kv_heads=num_kv_heads, need_weights=need_weights, average_attn_weights=average_attn_weights,
-            dropout_p=dropout_p, rotary=rotary, batched=batched, batch_first=batch_first,
+            dropout_p=dropout_p, rotary=rotary, batched=batched, batch_first=batch_first, out_proj=out_proj,
         )  # fmt: skip
     # (B, H, L, D), (B, Hkv, S, D) x2: views of the projections' outputs
     q, k, v = _project_heads(query, key, value, weights, shared, num_heads, num_kv_heads, head_dim, seq_first)
@@ -172,6 +173,23 @@ def multi_head_attention(
         average_weights=average_attn_weights,
     )  # (B, H, L, D), (B, L, S) | (B, H, L, S) | None
 
+    return finish(out, attn, weights, out_proj, batched=batched, batch_first=batch_first)
+
+
+def finish(
+    out: Tensor,
+    attn: Tensor | None,
+    weights: Projections,
+    out_proj: Callable[[Tensor], Tensor] | None,
+    *,
+    batched: bool,
+    batch_first: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention output (B, H, L, D) -> the module's output in the caller's layout, and the
+    weights (unbatched: without their batch dimension). Every path ends here (this function, the
+    packed varlen path, the decoder layer's `memory_kv`)."""
+    batch, heads, q_len, head_dim = out.shape
+    embed_dim = heads * head_dim
     # torch's memory layout, (L, B, E) whatever batch_first says: a dropout applied to our output
     # (as in nn.TransformerEncoderLayer) then draws its mask in the same order as torch's
     out = out.permute(2, 0, 1, 3).reshape(q_len * batch, embed_dim)  # (L*B, E)
@@ -180,8 +198,8 @@ def multi_head_attention(
     else:
         out_bias = _bias_like(weights.out_proj_bias, weights.out_proj_weight)
         out = F.linear(out, weights.out_proj_weight, out_bias).view(q_len, batch, embed_dim)
-    # the returned output is never a view (in-place ops on it stay safe, FSDP2 included): a linear
-    # on 3-D input returns a view of its 2-D result; clone keeps the (L, B, E) strides
+    # the returned output is never a view (in-place ops on it stay safe, FSDP2 included): clone
+    # keeps the (L, B, E) strides
     if not batched:
         return out.squeeze(1).clone(), attn.squeeze(0) if attn is not None else None  # (L, E)
     if batch_first:

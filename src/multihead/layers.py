@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import attend as backends
 from .cache import KVCache
+from .functional import finish
 from .masks import build_mask
 from .module import MultiheadAttention
 from .rotary import RotaryEmbedding
@@ -431,9 +432,7 @@ class TransformerDecoderLayer(_FeedForward, nn.Module):
             need_weights=False,
             average_weights=True,
         )  # (B, H, L, D)
-        out = out.permute(2, 0, 1, 3).reshape(q_len, batch, embed_dim)  # (L, B, E), torch's layout
-        out = F.linear(out, w.out_proj_weight, w.out_proj_bias)
-        return out.transpose(0, 1) if attn.batch_first else out
+        return finish(out, None, w, attn.out_proj, batched=True, batch_first=attn.batch_first)[0]
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerDecoderLayer) -> TransformerDecoderLayer:

@@ -26,6 +26,7 @@ Hkv key/value heads, D head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -234,10 +235,12 @@ def packed_attention(
     rotary: RotaryEmbedding | None,
     batched: bool,
     batch_first: bool,
+    out_proj: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The whole attention of a padded batch over its valid keys only: query (B, L, E),
     key (B, S, kdim), value (B, S, vdim) (views, batch first), `mask` built from the user's masks.
-    Returns what `multi_head_attention` returns (out in the caller's layout, weights | None)."""
+    Returns what `multi_head_attention` returns (out in the caller's layout, weights | None); the
+    output projection as there (`out_proj`, called as a module)."""
     B, L, E = query.shape
     S = key.shape[1]
     D = E // num_heads
@@ -280,12 +283,9 @@ def packed_attention(
             q, k, v, mask, counts, starts, spans, cols, dropout_p, need_weights, average_attn_weights
         )
 
-    # torch's memory layout, (L, B, E), as functional's tail
-    out = out.permute(2, 0, 1, 3).reshape(L, B, E)  # (L, B, E)
-    out = F.linear(out, weights.out_proj_weight, _cast(weights.out_proj_bias, weights.out_proj_weight))
-    if not batched:
-        return out.squeeze(1), attn.squeeze(0) if attn is not None else None  # (L, E)
-    return (out.transpose(0, 1) if batch_first else out), attn
+    from .functional import finish  # functional imports this module
+
+    return finish(out, attn, weights, out_proj, batched=batched, batch_first=batch_first)
 
 
 def _pack(x: Tensor, rows: Tensor, cols: Tensor, spans: list[tuple[int, int] | None], counts: list[int]) -> Tensor:
@@ -397,10 +397,6 @@ def _split_weights(w: Projections, embed_dim: int, kv_dim: int) -> tuple[Any, ..
         return w_q, w_k, w_v, None, None, None
     b_q, b_k, b_v = w.in_proj_bias.to(w_q.dtype).split([embed_dim, kv_dim, kv_dim])
     return w_q, w_k, w_v, b_q, b_k, b_v
-
-
-def _cast(bias: Tensor | None, weight: Tensor) -> Tensor | None:
-    return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
 
 
 # ---- CUDA: flash-attn's varlen kernel ---------------------------------------------------------------
