@@ -119,7 +119,8 @@ def _may_have_empty_rows(bias: Tensor) -> bool:
     `torch._safe_softmax` costs about four softmaxes on the CPU (it scans the scores for rows of -inf
     after the softmax); the mask is up to H times smaller than the scores and almost never has an
     empty row, so on the CPU (where reading the answer does not stall a device) we look there first.
-    Elsewhere, and under autograd's create_graph, the safe form always runs."""
+    Without an empty row both forms give the same values and gradients. On other devices (and while
+    compiling) the safe form always runs."""
     if bias.device.type != "cpu" or torch.compiler.is_compiling() or bias.shape[-1] == 0:
         return True
     return bias.amax(dim=-1).min().item() == float("-inf")  # NaN: False, and both forms give NaN
