@@ -162,6 +162,8 @@ def multi_head_attention(
         mask = mask.pad_keys(1)
 
     chosen = backends.choose(q, k, v, mask, need_weights=need_weights, backend=backend)
+    if getattr(chosen, "contiguous_inputs", False):  # copied here, the views' projection buffer is freed
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, attn = chosen.attend(
         q,
         k,

@@ -47,6 +47,9 @@ from ..masks import AttentionMask
 from .reference import safe_softmax
 
 name = "blockwise"
+#: Its tiles read contiguous q, k, v, so it copies strided ones: the caller copies them before the
+#: call instead (`functional`), which frees the projection's (L, B, E + 2*Hkv*D) output meanwhile.
+contiguous_inputs = True
 
 #: Override: bytes of scores the tiles in flight may hold together (shared by the workers). None: each
 #: tile holds what one core's cache holds (`tile_budget_bytes`), never a socket-wide figure.
