@@ -198,3 +198,81 @@ def test_compiled_decode_step_fullgraph():
     assert compiled_cache.bound == T0 + steps + 1 and k.shape[2] == hidden.shape[-1] == T0 + steps + 1
     with pytest.raises(ValueError, match="overflow"):
         compiled_cache.check_room(MAX)
+
+
+@pytest.mark.parametrize("window", [None, (2, 0)])
+@pytest.mark.parametrize("lengths", [[7, 7], [4, 9]], ids=["equal", "ragged"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_cached_attention_op_equals_attention_over_the_whole_buffers(L, lengths, window):
+    """`multihead::cached_attention` reads only the filled keys; it equals the float64 reference over
+    the whole buffers with `update`'s mask (the stale keys past each length hold garbage here)."""
+    from multihead.attend import reference
+    from multihead.masks import AttentionMask
+
+    Hq = 6
+    q = randn(B, Hq, L, D, seed=1, dtype=torch.float64)
+    k, v = randn(B, HKV, MAX, D, seed=2, dtype=torch.float64), randn(B, HKV, MAX, D, seed=3, dtype=torch.float64)
+    after = torch.tensor(lengths)
+    left = None if window is None else window[0]
+    got = torch.ops.multihead.cached_attention(q, k, v, after, left, 0.5)
+    hidden = expected_hidden([n - L for n in lengths], L, MAX, window)
+    mask = AttentionMask(B, Hq, L, MAX, dense=hidden)
+    want, _ = reference.attend(q, k, v, mask, scale=0.5, dropout_p=0.0, need_weights=False, average_weights=True)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous()
+
+
+def test_compiled_module_decode_attends_only_the_cached_keys():
+    """A compiled decode step of the module (CPU, no grad) attends through `KVCache.attend`'s op, so
+    its cost follows what is cached, not max_len: one graph, matching eager, also once the sequences
+    have different lengths (after a rewind)."""
+    torch.manual_seed(0)
+    E, H, KV = 24, 6, 2
+    attn = multihead.MultiheadAttention(E, H, num_kv_heads=KV, rotary=RotaryEmbedding(E // H, max_seq_len=64))
+    caches = [KVCache(B, 64, KV, E // H) for _ in range(2)]
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend=recording, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        prompt = torch.randn(B, 5, E)
+        for cache in caches:
+            attn(prompt, prompt, prompt, need_weights=False, kv_cache=cache)
+            cache.rewind([5, 3])
+        for _ in range(3):
+            x = torch.randn(B, 1, E)
+            want = attn(x, x, x, need_weights=False, kv_cache=caches[0])[0]
+            got = compiled(x, x, x, need_weights=False, kv_cache=caches[1])[0]
+            torch.testing.assert_close(got, want)
+    assert len(graphs) == 1
+    ops = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch.ops.multihead.cached_attention in ops
+    with torch.enable_grad():  # with gradients on, the op (no autograd formula) is not used
+        torch._dynamo.reset()
+        graphs.clear()
+        x = torch.randn(B, 1, E)
+        compiled(x, x, x, need_weights=False, kv_cache=caches[1])
+        ops = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+        assert torch.ops.multihead.cached_attention not in ops
+
+
+def test_compiled_module_decode_with_inductor_matches_eager():
+    """The op inside an inductor graph (its fake implementation's layout is what inductor checks)."""
+    torch.manual_seed(0)
+    E, H, KV = 16, 4, 2
+    attn = multihead.MultiheadAttention(E, H, num_kv_heads=KV, rotary=RotaryEmbedding(E // H, max_seq_len=32))
+    caches = [KVCache(1, 32, KV, E // H) for _ in range(2)]
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        prompt = torch.randn(1, 4, E)
+        for cache in caches:
+            attn(prompt, prompt, prompt, need_weights=False, kv_cache=cache)
+        for _ in range(2):
+            x = torch.randn(1, 1, E)
+            want = attn(x, x, x, need_weights=False, kv_cache=caches[0])[0]
+            torch.testing.assert_close(compiled(x, x, x, need_weights=False, kv_cache=caches[1])[0], want)

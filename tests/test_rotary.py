@@ -77,6 +77,15 @@ def test_offsets_and_per_sequence_positions(interleaved):
     torch.testing.assert_close(out, reference(x, positions, interleaved=interleaved), rtol=0, atol=1e-12)
     for b in range(2):
         torch.testing.assert_close(out[b : b + 1], rope(x[b : b + 1], positions[b]), rtol=0, atol=0)
+    # an int p: positions p .. p+T-1 for every sequence, the same numbers as the tensor form; beyond the
+    # table it grows, as the tensor form does
+    q, k = randn(2, 3, 5, 10, seed=2), randn(2, 1, 5, 10, seed=3)
+    for start in (0, 7, 3000):
+        torch.testing.assert_close(rope(x, start), rope(x, torch.arange(start, start + 5)), rtol=0, atol=0)
+        got = rope.rotate_qk(q, k, start)
+        want = rope.rotate_qk(q, k, torch.arange(start, start + 5))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_position_zero_is_identity_and_norm_is_kept():
@@ -198,6 +207,10 @@ def test_call_errors():
         rope(x, torch.arange(4))
     with pytest.raises(ValueError, match="positions must be >= 0"):
         rope(x, torch.arange(5) - 1)
+    with pytest.raises(ValueError, match="positions must be >= 0, got the first position -1"):
+        rope(x, -1)
+    with pytest.raises(TypeError, match="positions must be an integer tensor or a first position \\(int\\), got bool"):
+        rope(x, True)
 
 
 def test_rotate_qk_equals_two_calls():

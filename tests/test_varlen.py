@@ -71,10 +71,10 @@ def run(module, inputs, kwargs, dtype, grads_of=()):
         xs = xs * 3  # self-attention: query is key is value
     kw = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
     out, attn = module(*xs, **kw)
-    g = torch.Generator().manual_seed(7)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=dtype)).sum()
+    g = torch.Generator().manual_seed(7)  # the same cotangents in every dtype: drawn in float64, then cast
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
     if attn is not None:
-        loss = loss + (attn * torch.randn(attn.shape, generator=g, dtype=dtype)).sum()
+        loss = loss + (attn * torch.randn(attn.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
     loss.backward()
     grads = {f"input{i}": x.grad for i, x in enumerate(dict.fromkeys(xs))}
     grads |= {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
@@ -181,9 +181,12 @@ def check_against_oracles(theirs, ours, inputs, kwargs, always_pack):
     else:
         assert attn is None
     assert grads.keys() == exact_grads.keys()
+    # a gradient that is zero in exact arithmetic (a query that sees one key passes none to it) gets
+    # the round-off of terms as large as the call's other gradients: the floor scales with them
+    grad_atol = 1e-6 * max(1.0, *(g.abs().max().item() for g in exact_grads.values() if g.numel()))
     for name in grads:
         assert torch.isfinite(grads[name]).all(), name
-        assert_flash_rule(grads[name], base_grads[name], exact_grads[name], f"grad {name}")
+        assert_flash_rule(grads[name], base_grads[name], exact_grads[name], f"grad {name}", atol=grad_atol)
 
     if theirs is None:
         return
@@ -196,7 +199,7 @@ def check_against_oracles(theirs, ours, inputs, kwargs, always_pack):
     if kwargs["need_weights"]:
         assert_flash_rule(attn, t_attn, exact_attn, "weights vs torch")
     for name in grads:
-        assert_flash_rule(grads[name], t_grads[name], exact_grads[name], f"grad {name} vs torch")
+        assert_flash_rule(grads[name], t_grads[name], exact_grads[name], f"grad {name} vs torch", atol=grad_atol)
 
 
 @pytest.mark.parametrize("side", ["right", "left", "scattered"])

@@ -38,6 +38,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import attend
+from .masks import AttentionMask
+
 __all__ = ["KVCache"]
 
 
@@ -140,6 +143,13 @@ class KVCache(nn.Module):
                 f"build the cache with a larger max_len, or reset() it"
             )
 
+    def common_length(self) -> int | None:
+        """The length every sequence has, when the Python side knows it (eager mode, all sequences
+        of the same length): the first position of the next tokens, as an int. None otherwise."""
+        if not self._uniform or torch.compiler.is_compiling():
+            return None
+        return self._bound()
+
     # ---- per step (compile-friendly) ---------------------------------------------------------
     def positions(self, length: int) -> Tensor:
         """(B, L) absolute positions of the next `length` tokens of each sequence."""
@@ -193,11 +203,19 @@ class KVCache(nn.Module):
         if unmasked:
             return k_buf, v_buf, None
         assert pos is not None  # computed unless unmasked
-        pos = pos[:, :, None]  # (B, L, 1)
-        hidden = cols > pos  # (B, L, S)
-        if window is not None and window[0] is not None:
-            hidden |= cols < pos - window[0]
-        return k_buf, v_buf, hidden[:, None]  # (B, Hkv, S, D) x2, (B, 1, L, S)
+        return k_buf, v_buf, _hidden(pos, cols, None if window is None else window[0])  # (B, 1, L, S)
+
+    def attend(self, q: Tensor, *, scale: float, window: tuple[int | None, int | None] | None = None) -> Tensor:
+        """q (B, H, L, D), the queries of the tokens the last `update` wrote, attended against
+        everything cached, with no weights or dropout: (B, H, L, D).
+
+        For compiled inference on the CPU, where `update` returns the whole buffers (static shapes)
+        and attention would read all `max_len` keys every step: this is one opaque op
+        (`multihead::cached_attention`) that reads the lengths and attends only the keys cached so
+        far, as an eager step does. (On a GPU reading the lengths would stall the stream: compiled
+        steps there attend the whole buffers, masked.)"""
+        left = None if window is None else window[0]
+        return torch.ops.multihead.cached_attention(q, self.k, self.v, self.lengths, left, float(scale))
 
     def _explain_shapes(self, k_new: Tensor, v_new: Tensor) -> None:
         """Raise the ValueError that says what is wrong with the shapes."""
@@ -223,3 +241,48 @@ class KVCache(nn.Module):
                 raise TypeError(f"{name} has dtype {t.dtype}, but the cache holds {self.k.dtype}; build it with dtype=")
             if t.device != self.k.device:
                 raise ValueError(f"{name} is on {t.device}, but the cache is on {self.k.device}; move it with .to()")
+
+
+def _hidden(pos: Tensor, cols: Tensor, left: int | None) -> Tensor:
+    """(B, 1, L, S) bool, True where the query at position pos[b, t] may not see key cols[j]: a
+    later key, or (with a window) one more than `left` keys back."""
+    pos = pos[:, :, None]  # (B, L, 1)
+    hidden = cols > pos  # (B, L, S)
+    if left is not None:
+        hidden |= cols < pos - left
+    return hidden[:, None]
+
+
+# ---- `KVCache.attend` as one op (compiled CPU inference) ----------------------------------------------
+# A `torch.library.Library` op rather than `torch.library.custom_op`: a decode step calls it once per
+# layer per token, and the plain dispatcher call costs a fraction of custom_op's Python wrapper. It has
+# no autograd formula: `functional` calls it only with gradients off.
+_LIBRARY = torch.library.Library("multihead", "FRAGMENT")
+_LIBRARY.define("cached_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, int? left, float scale) -> Tensor")
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, left: int | None, scale: float) -> Tensor:
+    """q (B, H, L, D) of the last L tokens of each sequence against keys/values k, v (B, Hkv, max_len, D)
+    of which lengths[b] are filled: bottom-right causal, as `KVCache.update` masks (eager, outside the
+    graph, so the dispatch table and the lengths are read as in an eager step)."""
+    batch, heads, length, _ = q.shape
+    low, high = (int(n) for n in lengths.aminmax())
+    k, v = k[:, :, :high], v[:, :, :high]
+    unmasked = length == 1 and low == high and (left is None or left >= high - 1)
+    hidden = None
+    if not unmasked:
+        cols = torch.arange(high, device=q.device)
+        hidden = _hidden((lengths - length)[:, None] + cols[:length], cols, left)
+    mask = AttentionMask(batch, heads, length, high, dense=hidden, device=q.device)
+    # SDPA serves every call without weights; with a window the table may prefer its windowed backend
+    backend = attend.sdpa if left is None else attend.choose(q, k, v, mask, need_weights=False)
+    out, _ = backend.attend(q, k, v, mask, scale=scale, dropout_p=0.0, need_weights=False, average_weights=False)
+    return out.contiguous()
+
+
+_LIBRARY.impl("cached_attention", _cached_attention, "CPU")
+
+
+@torch.library.register_fake("multihead::cached_attention")
+def _cached_attention_fake(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, left: int | None, scale: float) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

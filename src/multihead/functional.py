@@ -138,14 +138,18 @@ def multi_head_attention(
     q, k, v = _project_heads(query, key, value, weights, shared, num_heads, num_kv_heads, head_dim, seq_first)
 
     if kv_cache is not None:  # positions continue each sequence; keys/values join the cache
-        positions = kv_cache.positions(q_len)  # (B, L)
         if rotary is not None:  # one table lookup for both; the cache bounds positions (no read)
+            start = kv_cache.common_length()  # eager, equal lengths: an int, so no position tensors
+            positions = start if start is not None else kv_cache.positions(q_len)  # (B, L)
             q, k = rotary.rotate_qk(q, k, positions, max_position=kv_cache.max_len - 1)
         # S = max_len under compile, the longest cached sequence in eager; hidden None: nothing hidden
         k, v, hidden = kv_cache.update(k, v, window=window)  # (B, Hkv, S, D) x2, (B, 1, L, S) | None
+        if torch.compiler.is_compiling() and _inference_on_cpu(q, need_weights, dropout_p, backend):
+            out = kv_cache.attend(q, scale=head_dim**-0.5, window=window)  # only the filled keys (cache.py)
+            return finish(out, None, weights, out_proj, batched=batched, batch_first=batch_first)
         mask = AttentionMask(batch, num_heads, q_len, k.shape[2], dense=hidden, device=query.device)
     elif rotary is not None and q_len == k_len:
-        q, k = rotary.rotate_qk(q, k, torch.arange(q_len, device=q.device), max_position=q_len - 1)
+        q, k = rotary.rotate_qk(q, k, 0)  # positions 0 .. L-1
     elif rotary is not None:
         q = rotary(q, torch.arange(q_len, device=q.device), max_position=q_len - 1)
         k = rotary(k, torch.arange(k_len, device=k.device), max_position=k_len - 1)
@@ -250,6 +254,17 @@ def _project_heads(
         _split_heads(q, heads, head_dim, seq_first),
         _split_heads(k, kv_heads, head_dim, seq_first),
         _split_heads(v, kv_heads, head_dim, seq_first),
+    )
+
+
+def _inference_on_cpu(q: Tensor, need_weights: bool, dropout_p: float, backend: str | None) -> bool:
+    """A call `KVCache.attend` serves: CPU, gradients off, no weights, no dropout, no forced backend."""
+    return (
+        q.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not need_weights
+        and dropout_p == 0.0
+        and backend is None
     )
 
 

@@ -37,7 +37,8 @@ class RotaryEmbedding(nn.Module):
         device: where the table lives (it follows `module.to(device)` afterwards).
 
     Call: `rope(x, positions)` with x (B, H, T, D) and positions an integer tensor of absolute
-    positions, (T,) shared by the batch or (B, T) per sequence. Returns x rotated, same shape and dtype.
+    positions, (T,) shared by the batch or (B, T) per sequence, or a Python int p: positions p .. p+T-1
+    for every sequence (a slice of the table, no gather). Returns x rotated, same shape and dtype.
     `rope.rotate_qk(q, k, positions)` rotates queries and keys at the same positions with one table
     lookup. Pass `max_position=` (a bound the caller knows) to spare eager calls reading the positions.
     """
@@ -133,8 +134,10 @@ class RotaryEmbedding(nn.Module):
         return self.table
 
     # ---- the rotation ------------------------------------------------------------------------
-    def forward(self, x: Tensor, positions: Tensor, *, max_position: int | None = None) -> Tensor:
-        """Rotate x (B, H, T, D) by absolute `positions`, (T,) or (B, T) integers.
+    def forward(self, x: Tensor, positions: Tensor | int, *, max_position: int | None = None) -> Tensor:
+        """Rotate x (B, H, T, D) by absolute `positions`, (T,) or (B, T) integers, or an int p for
+        positions p .. p + T - 1 (a constant under torch.compile: pass a tensor for positions that
+        change from call to call there).
 
         max_position: an upper bound on `positions` known to the caller (e.g. T - 1, or a KV cache's
         max_len - 1). Eager calls use it to grow the table without reading the positions; without it
@@ -144,7 +147,7 @@ class RotaryEmbedding(nn.Module):
         return self._rotate(x, cos, sin)
 
     def rotate_qk(
-        self, q: Tensor, k: Tensor, positions: Tensor, *, max_position: int | None = None
+        self, q: Tensor, k: Tensor, positions: Tensor | int, *, max_position: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """`(self(q, positions), self(k, positions))` for q (B, H, T, D) and k (B, Hkv, T, D) at the
         same positions, looking the table up once (fewer ops per decode step)."""
@@ -153,8 +156,14 @@ class RotaryEmbedding(nn.Module):
             self._check(k, positions)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _cos_sin(self, x: Tensor, positions: Tensor, max_position: int | None) -> tuple[Tensor, Tensor]:
+    def _cos_sin(self, x: Tensor, positions: Tensor | int, max_position: int | None) -> tuple[Tensor, Tensor]:
         """cos and signed sin at `positions`, in x's dtype: (T, D) or (B, 1, T, D) each."""
+        if isinstance(positions, int):  # p .. p+T-1: a slice of the table
+            self._check(x, positions)
+            end = positions + x.shape[2]
+            table = self._table(x, end) if not torch.compiler.is_compiling() else self.table.to(x.device, x.dtype)
+            cos, sin = table[positions:end].unbind(-2)
+            return cos, sin
         if torch.compiler.is_compiling():  # no checks on values, no growth, no Python-side cache
             table = self.table.to(device=x.device, dtype=x.dtype)
         else:
@@ -179,12 +188,16 @@ class RotaryEmbedding(nn.Module):
             return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [x1, x0, x3, x2, ..]
         return x.roll(self.head_dim // 2, dims=-1)  # [x2, x1] halves
 
-    def _check(self, x: Tensor, positions: Tensor) -> None:
+    def _check(self, x: Tensor, positions: Tensor | int) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a (B, H, T, D) tensor with D = head_dim = {self.head_dim}, got {got}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if isinstance(positions, int) and not isinstance(positions, bool):
+            if positions < 0:
+                raise ValueError(f"positions must be >= 0, got the first position {positions}")
+            return
         if (
             not isinstance(positions, Tensor)
             or positions.dtype == torch.bool
@@ -192,7 +205,7 @@ class RotaryEmbedding(nn.Module):
             or positions.is_complex()
         ):
             what = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
-            raise TypeError(f"positions must be an integer tensor, got {what}")
+            raise TypeError(f"positions must be an integer tensor or a first position (int), got {what}")
         batch, _, length, _ = x.shape
         if positions.shape not in ((length,), (batch, length)):
             raise ValueError(

@@ -18,12 +18,13 @@ token for each, and torch / ours.
     (`pip install torchtune==0.6.1 --no-deps`; nothing else is needed, see `load_torchtune`).
 
     python -m multihead.benchmarks.decode [--tokens 1024] [--no-compile] [--baseline-stride 8]   # prints JSON
-    python -m multihead.benchmarks.decode --torchtune [--rounds 5] [--threads 2]                # + a table
+    python -m multihead.benchmarks.decode --torchtune [--rounds 5] [--threads 2] [--cache-len N]  # + a table
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -31,7 +32,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from multihead import MultiheadAttention
 from multihead.cache import KVCache
@@ -217,29 +219,66 @@ def torchtune_benchmark(
     threads: int | None = None,
     compile: bool = True,
     profile: bool = True,
+    cache_len: int | None = None,
     seed: int = 0,
 ) -> dict:
     """ms per generated token: ours (eager, and the step compiled) against torchtune 0.6.1's
     `MultiHeadAttention` + `KVCache` (its own cache, max_seq_len = prompt + tokens, bias=False, eager),
     one layer, B=1, RoPE, the same weights (outputs checked equal). `rounds` paired rounds, each a full
     prefill + decode of every variant in a rotating order; medians of the per-round ratios with their
-    spread. `breakdown`: each variant's step under torch.profiler (top ops by self CPU time per step)."""
+    spread. `breakdown`: each variant's step under torch.profiler (top ops by self CPU time per step).
+
+    Also in the rounds: `floor`, the same step written in plain torch ops for this one configuration
+    (told the structure: one sequence, its length a Python int; no checks, no dispatch), eager: what
+    ours costs above it is our own overhead. And, compiled, `compiled_masked`: the step with the
+    attention forced to the SDPA backend, which attends all of the cache's keys, masked (what a
+    compiled step did before `KVCache.attend`). cache_len: our caches' max_len (default prompt +
+    tokens; larger shows what attending only the cached keys buys)."""
     TTAttention, _, TTRope = load_torchtune()
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, seed)
+        return _torchtune_run(
+            TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, cache_len, seed
+        )
     finally:
         torch.set_num_threads(saved)
 
 
-def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, seed):
+def _floor_step(ours: MultiheadAttention, k_buf: Tensor, v_buf: Tensor):
+    """Our decode step for this configuration in the fewest plain torch ops (B=1, no bias, GQA,
+    interleaved RoPE; `t` the token's position, a Python int): the floor of a decode step."""
+    w_q, w_k, w_v, w_o = ours.q_proj_weight, ours.k_proj_weight, ours.v_proj_weight, ours.out_proj.weight
+    H, Hkv, D = ours.num_heads, ours.num_kv_heads, ours.head_dim
+    table = ours.rotary.table  # (N, 2, D): cos, signed sin
+
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return torch.addcmul(x * cos, x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2), sin)
+
+    def step(h: Tensor, t: int) -> Tensor:  # (1, 1, E) -> (1, 1, E)
+        q = F.linear(h, w_q).view(1, 1, H, D).transpose(1, 2)  # (1, H, 1, D)
+        k = F.linear(h, w_k).view(1, 1, Hkv, D).transpose(1, 2)  # (1, Hkv, 1, D)
+        v = F.linear(h, w_v).view(1, 1, Hkv, D).transpose(1, 2)
+        cos, sin = table[t].unbind(0)  # (D,) x2
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k_buf[:, :, t : t + 1].copy_(k)
+        v_buf[:, :, t : t + 1].copy_(v)
+        out = F.scaled_dot_product_attention(  # the G query heads of a kv head as its rows
+            q.reshape(1, Hkv, H // Hkv, D), k_buf[:, :, : t + 1], v_buf[:, :, : t + 1]
+        )
+        return F.linear(out.reshape(1, 1, H * D), w_o)
+
+    return step
+
+
+def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, compile, profile, cache_len, seed):
     total, D = prompt + tokens, E // H
+    cache_len = cache_len or total
     torch.manual_seed(seed)
     x = torch.randn(1, total, E)  # the layer's input rows
     # ours: interleaved RoPE pairs, torchtune's convention, so both compute the same function
-    rope = RotaryEmbedding(D, interleaved=True, max_seq_len=total)
+    rope = RotaryEmbedding(D, interleaved=True, max_seq_len=cache_len)
     ours = MultiheadAttention(E, H, dropout=0.0, bias=False, num_kv_heads=kv_heads, rotary=rope)
     linear = functools.partial(nn.Linear, bias=False)
     theirs = TTAttention(
@@ -265,10 +304,12 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
     theirs.train()  # dropout 0 in both: train mode as the forward convention, no eval fast paths
     causal = torch.ones(total, total, dtype=torch.bool).tril_()  # torchtune's mask: True = may attend
     positions = torch.arange(total)[None]  # (1, total)
-    caches = {"eager": KVCache(1, total, kv_heads, D), "compiled": KVCache(1, total, kv_heads, D)}
-    if not compile:
-        del caches["compiled"]
-    steps = {name: _step(ours, cache) for name, cache in caches.items()}
+    names = ("eager", "compiled", "compiled_masked") if compile else ("eager",)
+    caches = {name: KVCache(1, cache_len, kv_heads, D) for name in (*names, "floor")}
+    masked = copy.deepcopy(ours)
+    masked.backend = "sdpa"  # a forced backend: the compiled step attends all of the cache's keys, masked
+    steps = {name: _step(masked if name == "compiled_masked" else ours, caches[name]) for name in names}
+    floor = _floor_step(ours, caches["floor"].k, caches["floor"].v)
 
     def tt_step(t0: int, t1: int) -> torch.Tensor:  # tokens t0 .. t1-1, as torchtune's generate() feeds them
         pos = positions[:, t0:t1]
@@ -285,6 +326,10 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
             return rows, time.perf_counter() - t0
         caches[name].reset()
         rows = [_step(ours, caches[name])(x[:, :prompt])]  # prefill eager
+        if name == "floor":
+            t0 = time.perf_counter()
+            rows += [floor(x[:, t : t + 1], t) for t in range(prompt, end)]
+            return rows, time.perf_counter() - t0
         step = steps[name]
         t0 = time.perf_counter()
         rows += [step(x[:, t : t + 1]) for t in range(prompt, end)]
@@ -292,23 +337,31 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
 
     result: dict = {
         "scenario": "decode_torchtune",
-        "config": {"tokens": tokens, "prompt": prompt, "E": E, "H": H, "kv_heads": kv_heads, "batch": 1},
+        "config": {
+            "tokens": tokens,
+            "prompt": prompt,
+            "E": E,
+            "H": H,
+            "kv_heads": kv_heads,
+            "batch": 1,
+            "cache_len": cache_len,
+        },
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "torchtune_baseline": "torchtune 0.6.1 MultiHeadAttention + KVCache(max_seq_len=prompt+tokens), bias=False, "
         "RotaryPositionalEmbeddings, eager, bool causal mask rows and input_pos per step as its generate() does",
     }
     with torch.no_grad():
-        if compile:  # static shapes: (1, 1, E) in, the cache's buffers fixed; prefill stays eager
-            steps["compiled"] = torch.compile(steps["compiled"], fullgraph=True, dynamic=False)
-            caches["compiled"].reset()
-            _step(ours, caches["compiled"])(x[:, :prompt])
+        for name in names[1:]:  # static shapes: (1, 1, E) in, the cache's buffers fixed; prefill stays eager
+            steps[name] = torch.compile(steps[name], fullgraph=True, dynamic=False)
+            caches[name].reset()
+            _step(ours, caches[name])(x[:, :prompt])
             t0 = time.perf_counter()
-            steps["compiled"](x[:, prompt : prompt + 1])
-            result["ours_compile_s"] = time.perf_counter() - t0
-        names = ["torchtune", *steps]
+            steps[name](x[:, prompt : prompt + 1])
+            result[f"ours_{name}_compile_s"] = time.perf_counter() - t0
+        names = ["torchtune", *steps, "floor"]
         outs = {name: torch.cat(decode(name)[0], 1) for name in names}  # also the warm-up
-        for name in steps:
+        for name in names[1:]:
             result[f"max_abs_diff_{name}_vs_torchtune"] = (outs[name] - outs["torchtune"]).abs().max().item()
         per_token: dict[str, list[float]] = {name: [] for name in names}
         loads = []
@@ -327,10 +380,12 @@ def _torchtune_run(TTAttention, TTRope, tokens, prompt, E, H, kv_heads, rounds, 
     for name, values in per_token.items():
         result[f"{name}_ms_per_token"] = statistics.median(values)
         result[f"{name}_spread_ms"] = [min(values), max(values)]
-    for name in steps:
+    for name in names[1:]:
         result[f"torchtune_over_{name}"] = paired("torchtune", name)
+    result["eager_over_floor"] = paired("eager", "floor")
     if compile:
         result["eager_over_compiled"] = paired("eager", "compiled")
+        result["compiled_masked_over_compiled"] = paired("compiled_masked", "compiled")
     result["load_avg_1min"] = loads
     result["breakdown"] = breakdown
     return result
@@ -358,12 +413,13 @@ def table(result: dict, machine: str = "") -> str:
     lines = [
         f"Decode, one layer, B=1, E={result['config']['E']}, H={result['config']['H']}, "
         f"{result['config']['kv_heads']} kv heads, RoPE, {result['config']['prompt']}-token prompt then "
-        f"{result['config']['tokens']} tokens; {result['threads']} threads; {machine}",
+        f"{result['config']['tokens']} tokens, our caches' max_len {result['config']['cache_len']}; "
+        f"{result['threads']} threads; {machine}",
         "",
         "| variant | ms per token (median) | spread | torchtune / variant (paired median, spread) |",
         "|---|---|---|---|",
     ]
-    for name in ("torchtune", "eager", "compiled"):
+    for name in ("torchtune", "eager", "compiled", "compiled_masked", "floor"):
         if f"{name}_ms_per_token" not in result:
             continue
         low, high = result[f"{name}_spread_ms"]
@@ -373,11 +429,16 @@ def table(result: dict, machine: str = "") -> str:
             "torchtune": "torchtune 0.6.1 MHA + KVCache",
             "eager": "ours, eager",
             "compiled": "ours, compiled step",
+            "compiled_masked": "ours, compiled, all max_len keys masked",
+            "floor": "floor: the step in plain torch ops, eager",
         }
         lines.append(f"| {label[name]} | {result[f'{name}_ms_per_token']:.3f} | {low:.3f}-{high:.3f} | {shown} |")
-    if "eager_over_compiled" in result:
-        e = result["eager_over_compiled"]
-        lines += ["", f"eager / compiled: {e['median']:.3f} (spread {e['spread'][0]:.3f}-{e['spread'][1]:.3f})"]
+    lines.append("")
+    for key in ("eager_over_compiled", "eager_over_floor", "compiled_masked_over_compiled"):
+        if key in result:
+            e = result[key]
+            what = key.replace("_over_", " / ")
+            lines.append(f"{what}: {e['median']:.3f} (spread {e['spread'][0]:.3f}-{e['spread'][1]:.3f})  ")
     return "\n".join(lines)
 
 
@@ -398,11 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--torchtune", action="store_true", help="per token against torchtune 0.6.1's cache instead")
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds (--torchtune)")
+    parser.add_argument("--cache-len", type=int, default=None, help="our caches' max_len (--torchtune)")
     args = parser.parse_args(argv)
     if args.torchtune:
         result = torchtune_benchmark(
             args.tokens, args.prompt, args.E, args.H, args.kv_heads,
-            rounds=args.rounds, threads=args.threads, compile=not args.no_compile,
+            rounds=args.rounds, threads=args.threads, compile=not args.no_compile, cache_len=args.cache_len,
         )  # fmt: skip
         from .bench import machine
 
