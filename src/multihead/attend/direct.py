@@ -60,11 +60,18 @@ def not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, 
     if torch.compiler.is_compiling():  # the one-tile test reads the machine and guards on the shapes
         return ["under torch.compile (blockwise's custom op serves the weights path there)"]
     B, H, L, _ = q.shape
-    S = k.shape[2]
-    batches, rows = blockwise.choose_tiles(B, H, L, S, q.element_size(), q.device)
-    if batches < B or rows < L:
-        return [f"B*H*L*S = {B * H * L * S} scores are more than one blockwise tile ({batches} x {rows} rows)"]
+    if not fits_one_tile(B, H, L, k.shape[2], q.element_size(), q.device):
+        batches, rows = blockwise.choose_tiles(B, H, L, k.shape[2], q.element_size(), q.device)
+        return [f"B*H*L*S = {B * H * L * k.shape[2]} scores are more than one blockwise tile ({batches} x {rows} rows)"]
     return []
+
+
+def fits_one_tile(batch: int, heads: int, q_len: int, k_len: int, itemsize: int, device: torch.device) -> bool:
+    """Whether blockwise would cut the call into a single tile (what this backend serves, eager)."""
+    if torch.compiler.is_compiling():
+        return False
+    batches, rows = blockwise.choose_tiles(batch, heads, q_len, k_len, itemsize, device)
+    return batches >= batch and rows >= q_len
 
 
 def attend(
