@@ -251,6 +251,7 @@ def _floor_step(ours: MultiheadAttention, k_buf: Tensor, v_buf: Tensor):
     interleaved RoPE; `t` the token's position, a Python int): the floor of a decode step."""
     w_q, w_k, w_v, w_o = ours.q_proj_weight, ours.k_proj_weight, ours.v_proj_weight, ours.out_proj.weight
     H, Hkv, D = ours.num_heads, ours.num_kv_heads, ours.head_dim
+    assert ours.rotary is not None and ours.rotary.interleaved  # the configuration this floor is written for
     table = ours.rotary.table  # (N, 2, D): cos, signed sin
 
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
