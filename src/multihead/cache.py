@@ -184,9 +184,11 @@ class KVCache(nn.Module):
             keys = self.max_len
             unmasked = False
         else:
-            self.check_room(length)
             before = self._bound()  # with equal lengths, the lengths themselves
-            keys = self.bound = before + length
+            keys = before + length
+            if keys > self.max_len:
+                self.check_room(length)  # raises, saying so
+            object.__setattr__(self, "bound", keys)  # a plain int: nn.Module.__setattr__ costs a decode step
             start = before if self._uniform else None
             left = None if window is None else window[0]
             unmasked = length == 1 and self._uniform and (left is None or left >= keys - 1)

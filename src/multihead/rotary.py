@@ -185,7 +185,8 @@ class RotaryEmbedding(nn.Module):
     def _swap(self, x: Tensor) -> Tensor:
         """Swap the two members of each pair (signs live in the sin table)."""
         if self.interleaved:
-            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [x1, x0, x3, x2, ..]
+            # [x1, x0, x3, x2, ..] (reshape, not unflatten: a decode step notices unflatten's Python wrapper)
+            return x.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
         return x.roll(self.head_dim // 2, dims=-1)  # [x2, x1] halves
 
     def _check(self, x: Tensor, positions: Tensor | int) -> None:
