@@ -86,6 +86,12 @@ def test_offsets_and_per_sequence_positions(interleaved):
         want = rope.rotate_qk(q, k, torch.arange(start, start + 5))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # one position (q and k rotated as one tensor): the same as each on its own
+    q1, k1 = q[:, :, 4:], k[:, :, 4:]
+    for pos in (9, torch.tensor([9]), torch.tensor([[9], [31]])):
+        got = rope.rotate_qk(q1, k1, pos)
+        torch.testing.assert_close(got[0], rope(q1, pos), rtol=0, atol=0)
+        torch.testing.assert_close(got[1], rope(k1, pos), rtol=0, atol=0)
 
 
 def test_position_zero_is_identity_and_norm_is_kept():
