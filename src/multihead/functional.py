@@ -136,9 +136,14 @@ def multi_head_attention(
             dropout_p=dropout_p, rotary=rotary, batched=batched, batch_first=batch_first, out_proj=out_proj,
         )  # fmt: skip
     # (B, H, L, D), (B, Hkv, S, D) x2: views of the projections' outputs
-    # with weights, a call the direct backend serves runs batched GEMMs over B*H: separate projections
-    # lay q, k, v out as (L, B, E) in memory, where (B, H) merge into one batch dimension without a copy
-    merge = need_weights and direct.fits_one_tile(batch, num_heads, q_len, k_len, query.element_size(), query.device)
+    # with weights, a call the direct backend serves runs batched GEMMs over B*H: distinct batch-first
+    # q, k, v are projected in (L, B, E) layout, where (B, H) merge into one batch dimension without a copy
+    merge = (
+        need_weights
+        and shared is None
+        and not seq_first
+        and direct.fits_one_tile(batch, num_heads, q_len, k_len, query.element_size(), query.device)
+    )
     q, k, v = _project_heads(
         query, key, value, weights, shared, num_heads, num_kv_heads, head_dim, seq_first, merge_heads=merge
     )
@@ -150,7 +155,7 @@ def multi_head_attention(
             q, k = rotary.rotate_qk(q, k, positions, max_position=kv_cache.max_len - 1)
         # S = max_len under compile, the longest cached sequence in eager; hidden None: nothing hidden
         k, v, hidden = kv_cache.update(k, v, window=window)  # (B, Hkv, S, D) x2, (B, 1, L, S) | None
-        if torch.compiler.is_compiling() and _inference_on_cpu(q, need_weights, dropout_p, backend):
+        if _compiled_inference_on_cpu(q, need_weights, dropout_p, backend):
             out = kv_cache.attend(q, scale=head_dim**-0.5, window=window)  # only the filled keys (cache.py)
             return finish(out, None, weights, out_proj, batched=batched, batch_first=batch_first)
         mask = AttentionMask(batch, num_heads, q_len, k.shape[2], dense=hidden, device=query.device)
@@ -235,7 +240,7 @@ def _project_heads(
     """Input projections, fused where the inputs allow (one matmul for self-attention, two when key
     is value), with heads split as views: (B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, D).
 
-    merge_heads: separate projections of batch-first inputs run on (L, B, ·) copies of them, as torch's
+    merge_heads: the projections of distinct batch-first inputs run on (L, B, ·) copies of them, as torch's
     module does, so each of q, k, v is laid out as (L, B, E) in memory, where a (B, H, L, D) view's B
     and H merge (`reshape(B*H, L, D)` is a view). That copies each input (rows of E elements) where
     the direct backend would copy each split head (rows of D): measured 3-4 % faster on the page's
@@ -249,7 +254,7 @@ def _project_heads(
         qkv = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim)
         q, k, v = (qkv.permute(2, 1, 3, 0, 4) if seq_first else qkv.permute(2, 0, 3, 1, 4)).unbind(0)
         return q, k, v
-    if merge_heads and not seq_first:  # (B, L, ·) -> (L, B, ·) copies: the projections come out seq first
+    if merge_heads and shared is None and not seq_first:  # (B, L, ·) -> (L, B, ·): projections come out seq first
         # (copied here, not inside F.linear: on a strided input its kernel depends on requires_grad)
         query, key, value = (t.transpose(0, 1).contiguous() for t in (query, key, value))
         seq_first = True
@@ -275,10 +280,13 @@ def _project_heads(
     )
 
 
-def _inference_on_cpu(q: Tensor, need_weights: bool, dropout_p: float, backend: str | None) -> bool:
-    """A call `KVCache.attend` serves: CPU, gradients off, no weights, no dropout, no forced backend."""
+def _compiled_inference_on_cpu(q: Tensor, need_weights: bool, dropout_p: float, backend: str | None) -> bool:
+    """A cache call `KVCache.attend` serves: under torch.compile (not an exporter, which needs plain
+    ops), on the CPU, gradients off, no weights, no dropout, no forced backend."""
     return (
-        q.device.type == "cpu"
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and q.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not need_weights
         and dropout_p == 0.0
