@@ -256,6 +256,10 @@ def test_dispatch_remembers_its_choice_by_what_the_choice_depends_on(monkeypatch
     assert backends.choose(q.double(), q.double(), q.double(), mask, need_weights=True) is direct and asked == [1]
     assert backends.choose(q, q, q, mask, need_weights=True, backend="direct") is direct  # forced: asked again
     assert asked == [1, 1]
+    entries = len(backends._choices)
+    assert backends.choose(q, q, q, mask, need_weights=True, remember=False) is direct  # a cache step's call
+    assert asked == [1, 1, 1] and len(backends._choices) == entries
+    asked.pop()
     monkeypatch.setattr(blockwise, "BLOCK_BYTES", 4 * 4 * 40 * 4)  # tiles of 16 rows: no longer one tile
     assert backends.choose(q, q, q, mask, need_weights=True) is blockwise and asked == [1, 1, 1]
     monkeypatch.setattr(backends, "PRIORITY", ("reference",))

@@ -176,7 +176,8 @@ def multi_head_attention(
         v = torch.cat([v, v.new_zeros(batch, num_kv_heads, 1, head_dim)], dim=2)
         mask = mask.pad_keys(1)
 
-    chosen = backends.choose(q, k, v, mask, need_weights=need_weights, backend=backend)
+    # a cache step's key length grows every call: nothing worth remembering
+    chosen = backends.choose(q, k, v, mask, need_weights=need_weights, backend=backend, remember=kv_cache is None)
     if getattr(chosen, "contiguous_inputs", False):  # copied here, the views' projection buffer is freed
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, attn = chosen.attend(

@@ -48,13 +48,22 @@ def get(name: str) -> ModuleType:
 
 
 def choose(
-    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool, backend: str | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    *,
+    need_weights: bool,
+    backend: str | None = None,
+    remember: bool = True,
 ) -> ModuleType:
     """The backend that serves this request: the forced one, or the first of `_priority()` that can.
 
     In eager mode the choice is remembered by everything it depends on (`_choice_key`): walking the
-    table costs a small call more than some of its ops."""
-    key = _choice_key(q, k, v, mask, need_weights) if backend is None else None
+    table costs a small call more than some of its ops. remember=False for requests whose shapes
+    change every call (a KV-cache step's key length): building their key costs more than the walk,
+    and each would add an entry."""
+    key = _choice_key(q, k, v, mask, need_weights) if backend is None and remember else None
     name = _choices.get(key) if key is not None else None
     if name is None:
         name = _first_serving(_priority() if backend is None else (backend,), q, k, v, mask, need_weights, backend)
