@@ -39,6 +39,13 @@ def inputs(batch: int | None, q_len: int, k_len: int, e: int, kdim: int, vdim: i
     return make(q_len, e), make(k_len, kdim), make(k_len, vdim)
 
 
+def cotangent(like: Tensor, g: torch.Generator) -> Tensor:
+    """A random cotangent for `like`, the same numbers in every dtype: drawn in float64 on the
+    generator's device, then cast (a float32 and a float64 draw from one seed differ entirely, which
+    would make a gradient comparison against a float64 oracle vacuous)."""
+    return torch.randn(like.shape, generator=g, dtype=torch.float64, device=g.device).to(like.dtype)
+
+
 def first_error(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -204,8 +204,9 @@ def test_compiled_decode_step_fullgraph():
 @pytest.mark.parametrize("lengths", [[7, 7], [4, 9]], ids=["equal", "ragged"])
 @pytest.mark.parametrize("L", [1, 3])
 def test_cached_attention_op_equals_attention_over_the_whole_buffers(L, lengths, window):
-    """`multihead::cached_attention` reads only the filled keys; it equals the float64 reference over
-    the whole buffers with `update`'s mask (the stale keys past each length hold garbage here)."""
+    """`multihead::cached_attention` reads only the filled keys; it equals the float64 reference and
+    torch's SDPA over the whole buffers with `update`'s mask (the stale keys past each length hold
+    garbage here). Forward only: the op serves calls with gradients off."""
     from multihead.attend import reference
     from multihead.masks import AttentionMask
 
@@ -218,7 +219,9 @@ def test_cached_attention_op_equals_attention_over_the_whole_buffers(L, lengths,
     hidden = expected_hidden([n - L for n in lengths], L, MAX, window)
     mask = AttentionMask(B, Hq, L, MAX, dense=hidden)
     want, _ = reference.attend(q, k, v, mask, scale=0.5, dropout_p=0.0, need_weights=False, average_weights=True)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~hidden, scale=0.5, enable_gqa=True)
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, theirs)
     assert got.is_contiguous()
 
 

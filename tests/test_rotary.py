@@ -86,12 +86,17 @@ def test_offsets_and_per_sequence_positions(interleaved):
         want = rope.rotate_qk(q, k, torch.arange(start, start + 5))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # one position (q and k rotated as one tensor): the same as each on its own
-    q1, k1 = q[:, :, 4:], k[:, :, 4:]
+    # one position (q and k rotated as one tensor): the same as each on its own, forward and backward
+    q1, k1 = q[:, :, 4:].requires_grad_(), k[:, :, 4:].requires_grad_()
     for pos in (9, torch.tensor([9]), torch.tensor([[9], [31]])):
         got = rope.rotate_qk(q1, k1, pos)
-        torch.testing.assert_close(got[0], rope(q1, pos), rtol=0, atol=0)
-        torch.testing.assert_close(got[1], rope(k1, pos), rtol=0, atol=0)
+        want = rope(q1, pos), rope(k1, pos)
+        cotangents = torch.randn_like(want[0]), torch.randn_like(want[1])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        grads = torch.autograd.grad(got, (q1, k1), cotangents)
+        for a, b in zip(grads, torch.autograd.grad(want, (q1, k1), cotangents)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_position_zero_is_identity_and_norm_is_kept():

@@ -1,7 +1,7 @@
 """The SDPA backend (`attend/sdpa.py`): grouped-query heads folded into rows of their kv head on the
 CPU when every row of a group sees the same keys, and left to `enable_gqa` otherwise.
 
-Checked against the float64 reference backend, forward and backward, on every mask form the fold
+Checked against the float64 reference backend and torch's own SDPA with `enable_gqa`, forward and backward, on every mask form the fold
 takes or declines (and that it declines: a folded call with a causal band or a per-head mask would
 be wrong, not slow); and the thread rule (a folded call must keep every thread busy).
 """
@@ -55,12 +55,15 @@ def test_folded_heads_match_the_reference(kind, L, monkeypatch):
     kw = dict(scale=D**-0.5, dropout_p=0.0, need_weights=False, average_weights=True)
     out, _ = sdpa.attend(q, k, v, mask, **kw)
     want, _ = reference.attend(q, k, v, mask, **kw)
-    torch.testing.assert_close(out, want)
+    theirs = torch.nn.functional.scaled_dot_product_attention(  # torch's own GQA, unfolded
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=D**-0.5, enable_gqa=True
+    )
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
-    expected = torch.autograd.grad(want, (q, k, v), grad)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+    for oracle in (want, theirs):
+        torch.testing.assert_close(out, oracle)
+        for a, b in zip(got, torch.autograd.grad(oracle, (q, k, v), grad)):
+            torch.testing.assert_close(a, b)
 
 
 def test_fold_needs_a_work_item_per_thread_and_no_dropout(monkeypatch):
